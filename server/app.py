@@ -1,0 +1,100 @@
+"""Wiring: builds the `web.Application` and owns the lifecycles of what it holds.
+
+The upstream `ClientSession` (one for the whole app), the embedded mock upstream when it
+is in use, the hub and the conversation registry are created in a cleanup context and
+torn down in reverse. On shutdown every stream is ended with `end` `shutdown`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .app_keys import HUB, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .config import Settings
+from .conversations import ConversationRegistry
+from .http_errors import json_errors
+from .hub import MemoryHub
+from .mock import MockSettings, build_mock_app
+from .routes import add_routes
+from .upstream import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+async def _start_embedded_mock(settings: Settings) -> tuple[web.AppRunner, str]:
+    """Serve the mock upstream on an ephemeral loopback port; return its runner and base URL."""
+    mock_app = build_mock_app(
+        MockSettings(
+            chunks_per_second=settings.mock.chunks_per_second,
+            model=settings.upstream.model,
+            answer_repeat=settings.mock.answer_repeat,
+        )
+    )
+    runner = web.AppRunner(mock_app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{LOOPBACK}:{port}/v1"
+
+
+async def _upstream_and_registry(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    upstream_settings = settings.upstream
+    mock_runner: web.AppRunner | None = None
+    if settings.use_mock:
+        mock_runner, base_url = await _start_embedded_mock(settings)
+        upstream_settings = dataclasses.replace(upstream_settings, base_url=base_url)
+        logger.info(
+            "upstream: embedded MOCK at %s (%g chunks/s) - no OPENAI_API_KEY or base_url set",
+            base_url, settings.mock.chunks_per_second,
+        )
+    else:
+        logger.info(
+            "upstream: %s (default model %s, API key %s)",
+            upstream_settings.base_url, upstream_settings.model,
+            "from OPENAI_API_KEY" if upstream_settings.api_key else "not set",
+        )
+    app[UPSTREAM_INFO] = {"mock": settings.use_mock, "model": upstream_settings.model}
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    hub = MemoryHub(
+        buffer_events=settings.hub.buffer_events, buffer_bytes=settings.hub.buffer_bytes
+    )
+    app[HUB] = hub
+    app[REGISTRY] = ConversationRegistry(
+        hub=hub, client=UpstreamClient(session, upstream_settings), settings=settings.hub
+    )
+    try:
+        yield
+    finally:
+        await app[REGISTRY].close_all("shutdown")
+        await session.close()
+        if mock_runner is not None:
+            await mock_runner.cleanup()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Shutdown: stop every turn and end every subscriber's stream with `end` `shutdown`."""
+    if REGISTRY in app:
+        await app[REGISTRY].close_all("shutdown")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[json_errors]
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_upstream_and_registry)
+    app.on_shutdown.append(_end_streams)
+    add_routes(app)
+    return app

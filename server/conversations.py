@@ -1,0 +1,245 @@
+"""Conversations: their history, their one running turn, and how long they are kept.
+
+Owns each conversation's upstream task (at most one at a time, named
+`upstream:<id>:<turn>`), the messages sent upstream for each turn, retention of finished
+conversations and the `max_conversations` bound. Publishing goes through the hub's log;
+nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from .chat_request import ChatStart
+from .config import HubSettings
+from .errors import Conflict, NotFound, TooManyRequests
+from .hub import EventLog, Hub
+from .transcript import STREAMING
+from .turn_runner import run_turn
+from .upstream import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+
+def new_conversation_id() -> str:
+    """A random, unguessable id: 144 bits from the OS CSPRNG, URL-safe."""
+    return secrets.token_urlsafe(18)
+
+
+class Conversation:
+    """One conversation: its request, follow-ups, log and current turn task."""
+
+    def __init__(self, conversation_id: str, start: ChatStart, log: EventLog) -> None:
+        self.id = conversation_id
+        self.model = start.model
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self._start = start
+        self._follow_ups: list[str] = []
+        self.log = log
+        self._task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        # Set when deletion or shutdown begins, so no new turn starts while it waits.
+        self.closing = False
+
+    @property
+    def turn_count(self) -> int:
+        return len(self._follow_ups) + 1
+
+    @property
+    def streaming(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def status(self) -> str:
+        return STREAMING if self.streaming else self.log.transcript.status
+
+    def user_messages(self) -> list[dict[str, Any]]:
+        """The messages the client sent: the initial request's, then each follow-up."""
+        return [*self._start.messages, *({"role": "user", "content": c} for c in self._follow_ups)]
+
+    def upstream_request(self, turn: int) -> dict[str, Any]:
+        """The whole conversation so far, as the chat request for `turn`."""
+        messages = list(self._start.messages)
+        turns = self.log.transcript.turns
+        for previous in range(turn):
+            choices = turns[previous].choices if previous < len(turns) else {}
+            answer = choices[0].content if 0 in choices else ""
+            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "user", "content": self._follow_ups[previous]})
+        return {**self._start.params, "model": self.model, "messages": messages}
+
+    def start_turn(self, client: UpstreamClient, *, follow_up: str | None = None) -> int:
+        """Start the next turn's upstream task. Raises Conflict while one is streaming."""
+        if self.streaming:
+            raise Conflict("a turn is still streaming; wait for done or cancel it",
+                           code="turn_in_progress")
+        if self.closing or self.log.closed:
+            raise NotFound("conversation not found", code="conversation_not_found")
+        if follow_up is not None:
+            self._follow_ups.append(follow_up)
+        turn = self.turn_count - 1
+        self.cancel_expiry()
+        self.finished_at = None
+        label = f"conversation {self.id}"
+        self._task = asyncio.create_task(
+            run_turn(
+                client=client,
+                log=self.log,
+                turn=turn,
+                request=self.upstream_request(turn),
+                label=label,
+            ),
+            name=f"upstream:{self.id}:{turn}",
+        )
+        return turn
+
+    def add_done_callback(self, callback: Any) -> None:
+        assert self._task is not None
+        self._task.add_done_callback(callback)
+
+    async def stop_turn(self, reason: str) -> bool:
+        """Cancel the running turn (it ends with `error` code `cancelled`) and wait for it.
+
+        Returns False when no turn was streaming.
+        """
+        task = self._task
+        if task is None or task.done():
+            return False
+        task.cancel(reason)
+        try:
+            await task
+        except asyncio.CancelledError:
+            # The turn task was cancelled by us; if *we* are being cancelled, re-raise.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        return True
+
+    def schedule_expiry(self, delay: float, callback: Any) -> None:
+        self.cancel_expiry()
+        self._expiry = asyncio.get_running_loop().call_later(delay, callback, self.id)
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def to_json(self) -> dict[str, Any]:
+        snapshot = self.log.snapshot()
+        return {
+            "id": self.id,
+            "status": self.status,
+            "model": self.model,
+            "created_at": self.created_at,
+            "turns": snapshot["turns"],
+            "subscribers": self.log.subscriber_count,
+            "last_seq": snapshot["seq"],
+            "messages": self.user_messages(),
+        }
+
+
+class ConversationRegistry:
+    """All conversations held by this process, bounded by `max_conversations`."""
+
+    def __init__(self, *, hub: Hub, client: UpstreamClient, settings: HubSettings) -> None:
+        self._hub = hub
+        self._client = client
+        self._settings = settings
+        self._conversations: dict[str, Conversation] = {}
+
+    def __len__(self) -> int:
+        return len(self._conversations)
+
+    def all(self) -> list[Conversation]:
+        return list(self._conversations.values())
+
+    def get(self, conversation_id: str) -> Conversation:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            raise NotFound("conversation not found", code="conversation_not_found")
+        return conversation
+
+    def create(self, start: ChatStart) -> Conversation:
+        """Register a conversation and start its first turn (one upstream request)."""
+        if len(self._conversations) >= self._settings.max_conversations:
+            self._evict_oldest_finished()
+        conversation_id = new_conversation_id()
+        conversation = Conversation(conversation_id, start, self._hub.open(conversation_id))
+        self._conversations[conversation_id] = conversation
+        self._start_turn(conversation, follow_up=None)
+        logger.info(
+            "conversation %s created (model %s, %d messages)",
+            conversation_id, start.model, len(start.messages),
+        )
+        return conversation
+
+    def follow_up(self, conversation_id: str, content: str) -> tuple[Conversation, int]:
+        conversation = self.get(conversation_id)
+        turn = self._start_turn(conversation, follow_up=content)
+        logger.info("conversation %s: follow-up turn %d started", conversation_id, turn)
+        return conversation, turn
+
+    async def cancel(self, conversation_id: str) -> Conversation:
+        conversation = self.get(conversation_id)
+        if not await conversation.stop_turn("cancelled by request"):
+            raise Conflict("no turn is streaming", code="not_streaming")
+        logger.info("conversation %s: turn cancelled by request", conversation_id)
+        return conversation
+
+    async def delete(self, conversation_id: str) -> None:
+        conversation = self.get(conversation_id)
+        await self._remove(conversation, "deleted")
+        logger.info("conversation %s deleted", conversation_id)
+
+    async def close_all(self, reason: str) -> None:
+        """Stop every turn and end every stream with `end` `reason` (server shutdown)."""
+        for conversation in list(self._conversations.values()):
+            await self._remove(conversation, reason)
+
+    def _start_turn(self, conversation: Conversation, *, follow_up: str | None) -> int:
+        turn = conversation.start_turn(self._client, follow_up=follow_up)
+        conversation.add_done_callback(lambda _task: self._turn_finished(conversation))
+        return turn
+
+    def _turn_finished(self, conversation: Conversation) -> None:
+        if self._conversations.get(conversation.id) is not conversation:
+            return
+        conversation.finished_at = time.monotonic()
+        conversation.schedule_expiry(self._settings.retention_seconds, self._expire)
+
+    def _expire(self, conversation_id: str) -> None:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None or conversation.streaming:
+            return
+        self._forget(conversation, "expired")
+        logger.info("conversation %s expired", conversation_id)
+
+    def _evict_oldest_finished(self) -> None:
+        finished = [c for c in self._conversations.values() if c.finished_at is not None]
+        if not finished:
+            raise TooManyRequests(
+                f"all {len(self._conversations)} conversations are still streaming; "
+                "try again when one finishes",
+                code="too_many_conversations",
+                retry_after=5,
+            )
+        oldest = min(finished, key=lambda c: c.finished_at or 0.0)
+        self._forget(oldest, "evicted")
+        logger.info("conversation %s evicted to make room (max_conversations)", oldest.id)
+
+    async def _remove(self, conversation: Conversation, reason: str) -> None:
+        conversation.closing = True
+        await conversation.stop_turn(f"conversation {reason}")
+        self._forget(conversation, reason)
+
+    def _forget(self, conversation: Conversation, reason: str) -> None:
+        conversation.cancel_expiry()
+        if self._conversations.pop(conversation.id, None) is None:
+            return
+        conversation.log.close(reason)
+        self._hub.discard(conversation.id)

@@ -1,0 +1,313 @@
+"""The hub: per conversation, a sequenced event log with encoded frames and cursors.
+
+Owns sequence numbers, the bounded replay buffer, the encoded SSE frames, the cursors of
+the subscribers and the conversation's transcript (so it can produce a `snapshot`).
+Knows no HTTP and no model. The HTTP layer talks to it only through the `Hub` and
+`EventLog` protocols below, so a second backend can be added behind them.
+
+Each event is encoded to SSE bytes once, at publish time. A subscriber is a `Cursor`: the
+sequence number it has been handed up to, nothing more. Whatever it has not been handed
+yet is read straight from the shared log, so a slow subscriber costs the others nothing,
+and what it holds in flight is bounded by the log's own bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import orjson
+
+from .sse import encode_frame
+from .transcript import LOG_EVENT_KINDS, Transcript
+
+
+class Cursor(Protocol):
+    """One subscriber's position in a conversation's log."""
+
+    @property
+    def position(self) -> int:
+        """The last sequence number handed over (0 before any)."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the `end` frame has been handed over: nothing more will come."""
+
+    def take(self) -> bytes:
+        """Everything pending, as one joined run of SSE frames (b"" when none).
+
+        The frames after `position` when the log still holds them all, else one
+        `snapshot` frame; followed by the `end` frame once the log is closed.
+        """
+
+    async def wait(self) -> None:
+        """Return once `take()` has something (returns at once if it already has)."""
+
+    def detach(self) -> None:
+        """Stop following the log. Idempotent."""
+
+
+class EventLog(Protocol):
+    """One conversation's sequenced events."""
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def first_buffered_seq(self) -> int: ...
+
+    @property
+    def subscriber_count(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def transcript(self) -> Transcript: ...
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> int:
+        """Append an event, encode it once, wake the subscribers; return its sequence number."""
+
+    def subscribe(self, *, after: int) -> Cursor:
+        """Attach a cursor that will be handed every event after `after`, with no gap.
+
+        Raises ValueError when `after` is negative or beyond `last_seq`.
+        """
+
+    def snapshot(self) -> dict[str, Any]:
+        """`{"seq": last_seq, "turns": [...]}`: the whole conversation as of `last_seq`."""
+
+    def close(self, reason: str) -> None:
+        """Hand every subscriber the `end` frame with `reason`; publishing is over."""
+
+
+class Hub(Protocol):
+    """Where conversations' logs live."""
+
+    def open(self, conversation_id: str) -> EventLog:
+        """Create the log of a new conversation. Raises KeyError if it exists."""
+
+    def get(self, conversation_id: str) -> EventLog | None: ...
+
+    def discard(self, conversation_id: str) -> None:
+        """Close (reason `deleted` unless already closed) and forget the log."""
+
+    @property
+    def subscriber_count(self) -> int: ...
+
+
+class MemoryCursor:
+    """A cursor into a `MemoryEventLog`: a position and, while it waits, a future."""
+
+    __slots__ = ("_log", "_position", "_finished", "_waiter", "_attached")
+
+    def __init__(self, log: MemoryEventLog, position: int) -> None:
+        self._log = log
+        self._position = position
+        self._finished = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._attached = True
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def has_pending(self) -> bool:
+        log = self._log
+        return self._position < log.last_seq or (log.closed and not self._finished)
+
+    def take(self) -> bytes:
+        log = self._log
+        data = b""
+        if self._position < log.last_seq:
+            if self._position + 1 < log.first_buffered_seq:
+                data = log.snapshot_frame()
+            else:
+                data = log.frames_after(self._position)
+            self._position = log.last_seq
+        if log.closed and not self._finished:
+            self._finished = True
+            data += log.end_frame()
+        return data
+
+    async def wait(self) -> None:
+        if self.has_pending() or not self._attached:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._log.forget(self)
+            self.wake()
+
+
+class MemoryEventLog:
+    """An in-process event log bounded by a count and a byte size.
+
+    The newest event is always kept, even when it alone exceeds the byte bound, so a
+    live subscriber is never forced into a snapshot by one large event.
+    """
+
+    __slots__ = (
+        "_frames", "_head", "_first_seq", "_last_seq", "_bytes", "_max_events",
+        "_max_bytes", "_cursors", "_transcript", "_closed_reason", "_snapshot_cache",
+        "_end_frame",
+    )
+
+    def __init__(self, *, max_events: int, max_bytes: int) -> None:
+        if max_events < 1 or max_bytes < 1:
+            raise ValueError("a log must be able to hold at least one event")
+        self._frames: list[bytes] = []
+        self._head = 0  # index in _frames of the oldest buffered event
+        self._first_seq = 1
+        self._last_seq = 0
+        self._bytes = 0
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._cursors: set[MemoryCursor] = set()
+        self._transcript = Transcript()
+        self._closed_reason: str | None = None
+        self._snapshot_cache: tuple[int, bytes] | None = None
+        self._end_frame: bytes | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def first_buffered_seq(self) -> int:
+        return self._first_seq
+
+    @property
+    def buffered_events(self) -> int:
+        return len(self._frames) - self._head
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._cursors)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def transcript(self) -> Transcript:
+        return self._transcript
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> int:
+        if self._closed_reason is not None:
+            raise RuntimeError("publish() on a closed log; open a new conversation instead")
+        if kind not in LOG_EVENT_KINDS:
+            raise ValueError(f"{kind!r} is not a log event kind")
+        self._transcript.apply(kind, payload)
+        seq = self._last_seq + 1
+        frame = encode_frame(event=kind, data=orjson.dumps(payload), id=seq)
+        self._last_seq = seq
+        self._frames.append(frame)
+        self._bytes += len(frame)
+        self._evict()
+        for cursor in self._cursors:
+            cursor.wake()
+        return seq
+
+    def _evict(self) -> None:
+        frames = self._frames
+        while len(frames) - self._head > 1 and (
+            len(frames) - self._head > self._max_events or self._bytes > self._max_bytes
+        ):
+            self._bytes -= len(frames[self._head])
+            frames[self._head] = b""
+            self._head += 1
+            self._first_seq += 1
+        if self._head > 1024 and self._head * 2 > len(frames):
+            del frames[: self._head]
+            self._head = 0
+
+    def frames_after(self, position: int) -> bytes:
+        """The buffered frames after `position`, joined. `position + 1` must be buffered."""
+        start = self._head + position + 1 - self._first_seq
+        if start < self._head:
+            raise ValueError(f"event {position + 1} is no longer buffered")
+        return b"".join(self._frames[start:])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"seq": self._last_seq, "turns": self._transcript.to_json()}
+
+    def snapshot_frame(self) -> bytes:
+        cached = self._snapshot_cache
+        if cached is not None and cached[0] == self._last_seq:
+            return cached[1]
+        frame = encode_frame(
+            event="snapshot", data=orjson.dumps(self.snapshot()), id=self._last_seq
+        )
+        self._snapshot_cache = (self._last_seq, frame)
+        return frame
+
+    def end_frame(self) -> bytes:
+        if self._end_frame is None:
+            raise RuntimeError("end_frame() before close()")
+        return self._end_frame
+
+    def subscribe(self, *, after: int) -> MemoryCursor:
+        if after < 0 or after > self._last_seq:
+            raise ValueError(f"position {after} is outside 0..{self._last_seq}")
+        cursor = MemoryCursor(self, after)
+        self._cursors.add(cursor)
+        return cursor
+
+    def forget(self, cursor: MemoryCursor) -> None:
+        self._cursors.discard(cursor)
+
+    def close(self, reason: str) -> None:
+        if self._closed_reason is not None:
+            return
+        self._closed_reason = reason
+        self._end_frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
+        for cursor in self._cursors:
+            cursor.wake()
+
+
+class MemoryHub:
+    """Conversation logs held in this process."""
+
+    def __init__(self, *, buffer_events: int, buffer_bytes: int) -> None:
+        self._buffer_events = buffer_events
+        self._buffer_bytes = buffer_bytes
+        self._logs: dict[str, MemoryEventLog] = {}
+
+    def open(self, conversation_id: str) -> MemoryEventLog:
+        if conversation_id in self._logs:
+            raise KeyError(f"conversation {conversation_id} already has a log")
+        log = MemoryEventLog(max_events=self._buffer_events, max_bytes=self._buffer_bytes)
+        self._logs[conversation_id] = log
+        return log
+
+    def get(self, conversation_id: str) -> MemoryEventLog | None:
+        return self._logs.get(conversation_id)
+
+    def discard(self, conversation_id: str) -> None:
+        log = self._logs.pop(conversation_id, None)
+        if log is not None:
+            log.close("deleted")
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(log.subscriber_count for log in self._logs.values())

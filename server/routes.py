@@ -1,0 +1,158 @@
+"""The HTTP API's handlers: parse the request, call the registry, shape the JSON answer.
+
+Errors are raised as `ApiError`s and turned into JSON by the `json_errors` middleware.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .app_keys import REGISTRY, SETTINGS, UPSTREAM_INFO
+from .chat_request import parse_chat_start, parse_follow_up
+from .errors import InvalidRequest, NotFound, PayloadTooLarge
+from .events_route import stream_events
+
+WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def json_response(body: Any, *, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body decoded as JSON; 413 past max_body_bytes, 400 when malformed."""
+    limit = request.app[SETTINGS].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
+    if not raw.strip():
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _conversation_id(request: web.Request) -> str:
+    conversation_id = request.match_info["conversation_id"]
+    if not _CONVERSATION_ID.fullmatch(conversation_id):
+        raise NotFound("conversation not found", code="conversation_not_found")
+    return conversation_id
+
+
+def _events_url(conversation_id: str) -> str:
+    return f"/v1/conversations/{conversation_id}/events"
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await read_json(request)
+    start = parse_chat_start(
+        body, default_model=settings.upstream.model, max_choices=settings.upstream.max_choices
+    )
+    conversation = request.app[REGISTRY].create(start)
+    return json_response(
+        {
+            "id": conversation.id,
+            "events_url": _events_url(conversation.id),
+            "status": conversation.status,
+        },
+        status=201,
+    )
+
+
+async def follow_up(request: web.Request) -> web.Response:
+    conversation_id = _conversation_id(request)
+    content = parse_follow_up(await read_json(request))
+    conversation, turn = request.app[REGISTRY].follow_up(conversation_id, content)
+    return json_response(
+        {
+            "id": conversation.id,
+            "events_url": _events_url(conversation.id),
+            "status": conversation.status,
+            "turn": turn,
+        },
+        status=202,
+    )
+
+
+async def cancel_turn(request: web.Request) -> web.Response:
+    conversation = await request.app[REGISTRY].cancel(_conversation_id(request))
+    return json_response({"id": conversation.id, "status": conversation.status}, status=202)
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    await request.app[REGISTRY].delete(_conversation_id(request))
+    return web.Response(status=204)
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    conversation = request.app[REGISTRY].get(_conversation_id(request))
+    return json_response(conversation.to_json())
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    return json_response(
+        {
+            "conversations": [
+                {
+                    "id": conversation.id,
+                    "status": conversation.status,
+                    "model": conversation.model,
+                    "created_at": conversation.created_at,
+                    "turns": conversation.turn_count,
+                    "subscribers": conversation.log.subscriber_count,
+                    "last_seq": conversation.log.last_seq,
+                }
+                for conversation in request.app[REGISTRY].all()
+            ]
+        }
+    )
+
+
+async def conversation_events(request: web.Request) -> web.StreamResponse:
+    conversation = request.app[REGISTRY].get(_conversation_id(request))
+    hub_settings = request.app[SETTINGS].hub
+    return await stream_events(
+        request,
+        conversation.log,
+        heartbeat_seconds=hub_settings.heartbeat_seconds,
+        retry_hint_ms=hub_settings.retry_hint_ms,
+        label=f"conversation {conversation.id}",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def info(request: web.Request) -> web.Response:
+    return json_response({"upstream": request.app[UPSTREAM_INFO], "version": __version__})
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_ROOT / "index.html")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/info", info)
+    app.router.add_post("/v1/conversations", create_conversation)
+    app.router.add_get("/v1/conversations", list_conversations)
+    app.router.add_get("/v1/conversations/{conversation_id}", get_conversation)
+    app.router.add_delete("/v1/conversations/{conversation_id}", delete_conversation)
+    app.router.add_post("/v1/conversations/{conversation_id}/messages", follow_up)
+    app.router.add_post("/v1/conversations/{conversation_id}/cancel", cancel_turn)
+    app.router.add_get("/v1/conversations/{conversation_id}/events", conversation_events)
