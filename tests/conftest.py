@@ -1,0 +1,183 @@
+"""Shared fixtures: a scripted fake upstream and a Chorus server, both on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from server.app import create_app
+from server.app_keys import REGISTRY
+from server.config import HubSettings, ServerSettings, Settings, UpstreamSettings
+from server.conversations import ConversationRegistry
+from server.sse import ServerSentEvent, SSEDecoder
+
+from .fake_upstream import FakeUpstream
+
+STEP_TIMEOUT = 10.0
+
+
+def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
+    """Test settings: fast retries, no heartbeats in the way; `sections` override keys."""
+    server = ServerSettings(host="127.0.0.1", port=0)
+    upstream = UpstreamSettings(
+        base_url=upstream_url,
+        model="test-model",
+        connect_timeout=2.0,
+        first_chunk_timeout=5.0,
+        idle_timeout=5.0,
+        max_retries=2,
+        retry_backoff_seconds=0.01,
+        retry_backoff_max_seconds=0.05,
+        api_key="sk-test-SECRET-key-0123456789",
+    )
+    hub = HubSettings(heartbeat_seconds=60.0, retention_seconds=60.0)
+    return Settings(
+        server=dataclasses.replace(server, **sections.get("server", {})),
+        upstream=dataclasses.replace(upstream, **sections.get("upstream", {})),
+        hub=dataclasses.replace(hub, **sections.get("hub", {})),
+        use_mock=False,
+    )
+
+
+async def eventually(predicate: Callable[[], bool], *, timeout: float = STEP_TIMEOUT) -> None:
+    """Wait until `predicate()` holds, checking every few milliseconds; fail after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+class EventStream:
+    """One SSE subscriber: the raw bytes it received and the events decoded from them."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self.status = response.status
+        self.raw = bytearray()
+        self.events: list[ServerSentEvent] = []
+        self._decoder = SSEDecoder()
+        self._read = 0
+        self.eof = False
+
+    async def next_event(self) -> ServerSentEvent:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while self._read >= len(self.events):
+                data = await self.response.content.readany()
+                if not data:
+                    self.eof = True
+                    raise EOFError("stream closed")
+                self.raw += data
+                self.events.extend(self._decoder.feed(data))
+        event = self.events[self._read]
+        self._read += 1
+        return event
+
+    async def until(self, predicate: Callable[[ServerSentEvent], bool]) -> list[ServerSentEvent]:
+        """Read until an event matches; return every event read so far (all of them)."""
+        while True:
+            event = await self.next_event()
+            if predicate(event):
+                return self.events[: self._read]
+
+    async def until_turn_ends(self, turn: int = 0) -> list[ServerSentEvent]:
+        return await self.until(
+            lambda e: e.event in ("done", "error") and orjson.loads(e.data)["turn"] == turn
+        )
+
+    async def until_closed(self) -> list[ServerSentEvent]:
+        try:
+            while True:
+                await self.next_event()
+        except EOFError:
+            return self.events
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def payloads(events: list[ServerSentEvent], kind: str) -> list[dict[str, Any]]:
+    return [orjson.loads(e.data) for e in events if e.event == kind]
+
+
+def answer_text(events: list[ServerSentEvent], *, turn: int = 0, choice: int = 0) -> str:
+    return "".join(
+        p["content"]
+        for p in payloads(events, "answer")
+        if p["turn"] == turn and p["choice"] == choice
+    )
+
+
+@dataclasses.dataclass
+class Chorus:
+    """A running Chorus server with a client, plus shortcuts for the API."""
+
+    app: web.Application
+    server: TestServer
+    client: TestClient[web.Request, web.Application]
+
+    @property
+    def registry(self) -> ConversationRegistry:
+        return self.app[REGISTRY]
+
+    async def create(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("messages", [{"role": "user", "content": "hello"}])
+        response = await self.client.post("/v1/conversations", json=body)
+        assert response.status == 201, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+    async def subscribe(
+        self,
+        conversation_id: str,
+        *,
+        headers: dict[str, str] | None = None,
+        query: str = "",
+    ) -> EventStream:
+        response = await self.client.get(
+            f"/v1/conversations/{conversation_id}/events{query}", headers=headers
+        )
+        return EventStream(response)
+
+    async def state(self, conversation_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/conversations/{conversation_id}")
+        assert response.status == 200, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+StartChorus = Callable[..., Awaitable[Chorus]]
+
+
+@pytest.fixture
+def start_chorus(aiohttp_server: Any, aiohttp_client: Any, fake_upstream: FakeUpstream) -> StartChorus:
+    """Start Chorus against the fake upstream; keyword args override settings sections."""
+
+    async def start(**sections: dict[str, Any]) -> Chorus:
+        app = create_app(make_settings(fake_upstream.url, **sections))
+        server = await aiohttp_server(app)  # TestServer runs with handler_cancellation=True, as production does
+        client = await aiohttp_client(server)
+        return Chorus(app=app, server=server, client=client)
+
+    return start
+
+
+def upstream_tasks() -> list[asyncio.Task[Any]]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name().startswith("upstream:") and not task.done()
+    ]
