@@ -90,6 +90,7 @@ _POSITIVE = {
     ("hub", "buffer_bytes"),
     ("hub", "max_conversations"),
     ("hub", "heartbeat_seconds"),
+    ("mock", "answer_repeat"),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
