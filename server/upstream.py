@@ -9,6 +9,7 @@ or of subscribers: parsed chunks go to a callback.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import logging
 import random
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_ERROR_BODY = 65_536
 _SECRET_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,})")
+# Shorter than this, the start of a key cut off at the end of a text is left alone.
+_MIN_KEY_FRAGMENT = 4
 
 
 class IdleTimeout(UpstreamFailure):
@@ -62,9 +65,17 @@ class _Retryable(Exception):
 
 
 def redact(text: str, secret: str | None) -> str:
-    """Remove the API key, and anything shaped like one, from text bound for clients or logs."""
+    """Remove the API key, and anything shaped like one, from text bound for clients or logs.
+
+    Upstream's messages are bounded by cutting their end, which can cut an echoed key in
+    two: a text that ends with the key's first characters loses those too.
+    """
     if secret:
         text = text.replace(secret, "[redacted]")
+        for size in range(len(secret) - 1, _MIN_KEY_FRAGMENT - 1, -1):
+            if text.endswith(secret[:size]):
+                text = text[:-size] + "[redacted]"
+                break
     return _SECRET_LIKE.sub("[redacted]", text)
 
 
@@ -80,6 +91,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:
+            # An HTTP-date is always GMT; `-0000` parses naive, which would read as local time.
+            when = when.replace(tzinfo=datetime.timezone.utc)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None
