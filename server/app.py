@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .app_keys import HUB, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import FRAMER, HUB, REGISTRY, SETTINGS, UPSTREAM_INFO
 from .config import Settings
 from .conversations import ConversationRegistry
+from .events_route import ChunkFramer
 from .http_errors import json_errors
 from .hub import MemoryHub
 from .mock import MockSettings, build_mock_app
@@ -94,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.server.max_body_bytes, middlewares=[json_errors]
     )
     app[SETTINGS] = settings
+    app[FRAMER] = ChunkFramer()
     app.cleanup_ctx.append(_upstream_and_registry)
     app.on_shutdown.append(_end_streams)
     add_routes(app)

@@ -1,15 +1,25 @@
 """`GET /v1/conversations/{id}/events`: a conversation's Server-Sent Events stream.
 
-Thin on purpose: parse where the subscriber resumes, attach a cursor, write whatever the
-cursor hands over, detach. The frames are the hub's pre-encoded bytes; nothing is
-encoded here per subscriber.
+Thin on purpose: parse where the subscriber resumes, attach a cursor, write the replay,
+then let the hub push new frames straight into the connection. The frames are the hub's
+pre-encoded bytes; nothing is encoded here per subscriber.
+
+The hot path has no await: the hub's flush calls `TransportSink.send`, which frames the
+bytes as one HTTP chunk and hands them to the transport (one `send()` syscall when the
+socket has room). This handler's task sleeps until the hub needs it.
 
 Flows, and who wins the race:
-- normal end: the log is closed (deleted / expired / shutdown); the cursor hands over
-  any frames still pending, then the `end` frame; the handler writes them and returns.
+- replay: the `retry:` hint and everything the cursor has pending go out as one write
+  through aiohttp (which also sends the headers); only then is the cursor pushed to the
+  sink, so nothing is written before the headers and nothing is written twice.
+- backed up: the sink reports the transport above its high-water mark; the hub stops
+  pushing to it and wakes this handler, which awaits `drain()`, then `resume()`s the
+  cursor: one write of everything missed (or a snapshot). Repeat.
+- normal end: the log is closed (deleted / expired / shutdown); the hub sends the
+  pending frames and the `end` frame; the cursor is finished and this handler returns.
 - client disconnect: the server runs with `handler_cancellation=True`, so aiohttp cancels
-  this handler when the connection drops; `finally` detaches the cursor. A write that
-  fails first (reset) ends the loop the same way.
+  this handler when the connection drops; `finally` detaches the cursor. Until then the
+  sink skips a closing transport. A drain that fails (reset) ends the loop the same way.
 - heartbeat: aiohttp-sse's ping task writes `: ping` comments every heartbeat_seconds.
   Frames never interleave with it: each write reaches the transport in one piece.
 """
@@ -18,7 +28,10 @@ from __future__ import annotations
 
 import logging
 
+import asyncio
+
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp_sse import EventSourceResponse
 
 from .errors import InvalidRequest
@@ -29,6 +42,51 @@ logger = logging.getLogger(__name__)
 _MAX_ID_DIGITS = 19
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no", ""}
+
+
+class ChunkFramer:
+    """Frames bytes as one HTTP/1.1 chunk, remembering the last result.
+
+    The hub hands every subscriber at the same position the very same bytes object, so
+    one framer shared by all sinks frames each batch once, not once per subscriber.
+    """
+
+    __slots__ = ("_last_in", "_last_out")
+
+    def __init__(self) -> None:
+        self._last_in = b""
+        self._last_out = b""
+
+    def frame(self, data: bytes) -> bytes:
+        if data is not self._last_in:
+            self._last_in = data
+            self._last_out = b"%x\r\n%b\r\n" % (len(data), data)
+        return self._last_out
+
+
+class TransportSink:
+    """Writes hub frames straight into one subscriber's chunked HTTP response.
+
+    Used only after the response's headers and first chunk went out through aiohttp, so
+    the bytes on the wire stay a valid chunked body; aiohttp's `write_eof()` ends it.
+    """
+
+    __slots__ = ("_transport", "_protocol", "_framer")
+
+    def __init__(
+        self, transport: asyncio.Transport, protocol: BaseProtocol, framer: ChunkFramer
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._framer = framer
+
+    def send(self, data: bytes) -> bool:
+        transport = self._transport
+        if transport.is_closing():
+            # Gone: aiohttp is cancelling the handler, which will detach the cursor.
+            return True
+        transport.write(self._framer.frame(data))
+        return not self._protocol.writing_paused
 
 
 def _parse_position(raw: str, *, what: str, code: str) -> int:
@@ -70,6 +128,7 @@ async def stream_events(
     *,
     heartbeat_seconds: float,
     retry_hint_ms: int,
+    framer: ChunkFramer,
     label: str,
 ) -> web.StreamResponse:
     """Serve one subscriber until the log ends or the client goes away."""
@@ -77,15 +136,17 @@ async def stream_events(
     cursor = log.subscribe(after=position)
     response = EventSourceResponse(ping_interval=heartbeat_seconds)
     try:
-        await response.prepare(request)
+        writer = await response.prepare(request)
+        assert writer is not None and request.transport is not None
         async with response:
-            # One write: the reconnection hint, then the whole replay (or snapshot).
+            # One write: the headers, the reconnection hint, then the whole replay.
             await response.write(b"retry: %d\n\n" % retry_hint_ms + cursor.take())
+            cursor.push_to(TransportSink(request.transport, request.protocol, framer))
             while not cursor.finished:
                 await cursor.wait()
-                data = cursor.take()
-                if data:
-                    await response.write(data)
+                if cursor.backed_up:
+                    await writer.drain()
+                    cursor.resume()
     except ConnectionResetError:
         logger.debug("%s: subscriber went away", label)
     finally:

@@ -9,6 +9,13 @@ Each event is encoded to SSE bytes once, at publish time. A subscriber is a `Cur
 sequence number it has been handed up to, nothing more. Whatever it has not been handed
 yet is read straight from the shared log, so a slow subscriber costs the others nothing,
 and what it holds in flight is bounded by the log's own bounds.
+
+Delivery is pushed: `publish` appends and `flush` (called by the publisher after a batch,
+or by the loop right after) writes the new frames straight into every subscriber's `Sink`
+in the same loop turn, one write per subscriber per batch, with no task switch. Only a
+subscriber whose connection is backed up leaves the push path: its owner waits for the
+connection to drain and then `resume()`s it, which hands over everything it missed as one
+write (or one snapshot). Subscribers at the same position share the same joined bytes.
 """
 
 from __future__ import annotations
@@ -22,8 +29,24 @@ from .sse import encode_frame
 from .transcript import LOG_EVENT_KINDS, Transcript
 
 
+class Sink(Protocol):
+    """Where a pushed cursor writes: a subscriber's connection."""
+
+    def send(self, data: bytes) -> bool:
+        """Write `data` now, without waiting. Return False when the connection is backed up
+        (nothing more is pushed until its owner drains it and resumes the cursor).
+
+        Must not detach the cursor or publish: it runs inside the log's delivery loop.
+        """
+
+
 class Cursor(Protocol):
-    """One subscriber's position in a conversation's log."""
+    """One subscriber's position in a conversation's log.
+
+    Two ways to consume it: pull (`wait()` then `take()`, in a loop), or push (`push_to(sink)`
+    once; then `wait()` returns only when the owner must act: the sink is backed up, so
+    drain it and `resume()`; or the cursor is finished).
+    """
 
     @property
     def position(self) -> int:
@@ -41,7 +64,18 @@ class Cursor(Protocol):
         """
 
     async def wait(self) -> None:
-        """Return once `take()` has something (returns at once if it already has)."""
+        """Pull mode: return once `take()` has something. Push mode: once the cursor is
+        backed up or finished. Returns at once if that is already so, or if detached."""
+
+    @property
+    def backed_up(self) -> bool:
+        """Push mode: the sink refused more; drain the connection, then `resume()`."""
+
+    def push_to(self, sink: Sink) -> None:
+        """Switch to push delivery: send what is pending now, then every new batch."""
+
+    def resume(self) -> None:
+        """After draining a backed-up sink: send everything missed as one write."""
 
     def detach(self) -> None:
         """Stop following the log. Idempotent."""
@@ -66,7 +100,12 @@ class EventLog(Protocol):
     def transcript(self) -> Transcript: ...
 
     def publish(self, kind: str, payload: dict[str, Any]) -> int:
-        """Append an event, encode it once, wake the subscribers; return its sequence number."""
+        """Append an event, encoded once; return its sequence number. Subscribers get it at
+        the next `flush()`, which the loop runs right after the current callback at the
+        latest."""
+
+    def flush(self) -> None:
+        """Deliver everything published so far to every subscriber, now."""
 
     def subscribe(self, *, after: int) -> Cursor:
         """Attach a cursor that will be handed every event after `after`, with no gap.
@@ -97,9 +136,11 @@ class Hub(Protocol):
 
 
 class MemoryCursor:
-    """A cursor into a `MemoryEventLog`: a position and, while it waits, a future."""
+    """A cursor into a `MemoryEventLog`: a position, a sink once pushed, a future while
+    its owner waits."""
 
-    __slots__ = ("_log", "_position", "_finished", "_waiter", "_attached")
+    __slots__ = ("_log", "_position", "_finished", "_waiter", "_attached", "_sink",
+                 "_backed_up")
 
     def __init__(self, log: MemoryEventLog, position: int) -> None:
         self._log = log
@@ -107,6 +148,8 @@ class MemoryCursor:
         self._finished = False
         self._waiter: asyncio.Future[None] | None = None
         self._attached = True
+        self._sink: Sink | None = None
+        self._backed_up = False
 
     @property
     def position(self) -> int:
@@ -116,6 +159,10 @@ class MemoryCursor:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def backed_up(self) -> bool:
+        return self._backed_up
+
     def has_pending(self) -> bool:
         log = self._log
         return self._position < log.last_seq or (log.closed and not self._finished)
@@ -124,18 +171,37 @@ class MemoryCursor:
         log = self._log
         data = b""
         if self._position < log.last_seq:
-            if self._position + 1 < log.first_buffered_seq:
-                data = log.snapshot_frame()
-            else:
-                data = log.frames_after(self._position)
+            data = log.pending_after(self._position)
             self._position = log.last_seq
         if log.closed and not self._finished:
             self._finished = True
             data += log.end_frame()
         return data
 
+    def push_to(self, sink: Sink) -> None:
+        if self._sink is not None:
+            raise RuntimeError("push_to() called twice; a cursor has one sink")
+        self._sink = sink
+        self.resume()
+
+    def resume(self) -> None:
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError("resume() before push_to(); give the cursor a sink first")
+        self._backed_up = False
+        data = self.take()
+        if data and not sink.send(data):
+            self._backed_up = True
+
+    def _needs_owner(self) -> bool:
+        if not self._attached or self._finished:
+            return True
+        if self._sink is None:
+            return self.has_pending()
+        return self._backed_up
+
     async def wait(self) -> None:
-        if self.has_pending() or not self._attached:
+        if self._needs_owner():
             return
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
@@ -165,7 +231,7 @@ class MemoryEventLog:
     __slots__ = (
         "_frames", "_head", "_first_seq", "_last_seq", "_bytes", "_max_events",
         "_max_bytes", "_cursors", "_transcript", "_closed_reason", "_snapshot_cache",
-        "_end_frame",
+        "_end_frame", "_flush_handle",
     )
 
     def __init__(self, *, max_events: int, max_bytes: int) -> None:
@@ -183,6 +249,7 @@ class MemoryEventLog:
         self._closed_reason: str | None = None
         self._snapshot_cache: tuple[int, bytes] | None = None
         self._end_frame: bytes | None = None
+        self._flush_handle: asyncio.Handle | None = None
 
     @property
     def last_seq(self) -> int:
@@ -224,9 +291,35 @@ class MemoryEventLog:
         self._frames.append(frame)
         self._bytes += len(frame)
         self._evict()
-        for cursor in self._cursors:
-            cursor.wake()
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
         return seq
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        last_seq = self._last_seq
+        # Subscribers at the same position get the very same bytes object, so the
+        # join (and the sink's framing of it) is done once per position, not per cursor.
+        shared_position = -1
+        shared = b""
+        for cursor in self._cursors:
+            sink = cursor._sink
+            if sink is None:
+                if cursor.has_pending():
+                    cursor.wake()
+                continue
+            position = cursor._position
+            if cursor._backed_up or position >= last_seq:
+                continue
+            if position != shared_position:
+                shared = self.pending_after(position)
+                shared_position = position
+            cursor._position = last_seq
+            if not sink.send(shared):
+                cursor._backed_up = True
+                cursor.wake()
 
     def _evict(self) -> None:
         frames = self._frames
@@ -240,6 +333,15 @@ class MemoryEventLog:
         if self._head > 1024 and self._head * 2 > len(frames):
             del frames[: self._head]
             self._head = 0
+
+    def pending_after(self, position: int) -> bytes:
+        """What a subscriber at `position` is missing: the frames after it, or a snapshot
+        when `position + 1` has left the buffer."""
+        if position == self._last_seq - 1 and self._head < len(self._frames):
+            return self._frames[-1]
+        if position + 1 < self._first_seq:
+            return self.snapshot_frame()
+        return self.frames_after(position)
 
     def frames_after(self, position: int) -> bytes:
         """The buffered frames after `position`, joined. `position + 1` must be buffered."""
@@ -279,9 +381,13 @@ class MemoryEventLog:
     def close(self, reason: str) -> None:
         if self._closed_reason is not None:
             return
+        self.flush()
         self._closed_reason = reason
-        self._end_frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
+        end = self._end_frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
         for cursor in self._cursors:
+            if cursor._sink is not None and not cursor._backed_up and not cursor._finished:
+                cursor._finished = True
+                cursor._sink.send(end)
             cursor.wake()
 
 

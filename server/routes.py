@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .app_keys import REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import FRAMER, REGISTRY, SETTINGS, UPSTREAM_INFO
 from .chat_request import parse_chat_start, parse_follow_up
 from .errors import InvalidRequest, NotFound, PayloadTooLarge
 from .events_route import stream_events
@@ -128,6 +128,7 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
         conversation.log,
         heartbeat_seconds=hub_settings.heartbeat_seconds,
         retry_hint_ms=hub_settings.retry_hint_ms,
+        framer=request.app[FRAMER],
         label=f"conversation {conversation.id}",
     )
 

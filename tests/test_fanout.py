@@ -189,7 +189,6 @@ async def test_a_subscriber_that_stops_reading_does_not_delay_the_others(
         # blocked (the kernel's buffers are full, so asyncio queues in user space) and
         # the answer has not all reached it: it was stalled the whole time, and the
         # readers finished anyway.
-        stalled_cursor = next(c for c in log._cursors if c.position < log.last_seq)
         queues = sorted(
             handler.transport.get_write_buffer_size()
             for handler in chorus.server.runner.server.connections
@@ -203,8 +202,7 @@ async def test_a_subscriber_that_stops_reading_does_not_delay_the_others(
         assert stalled_queue <= log.buffered_bytes + 64 * 1024
         print(
             f"\n5 readers got {len(expected)} chars in {elapsed * 1000:.0f} ms beside a stalled "
-            f"subscriber (handed up to seq {stalled_cursor.position}/{log.last_seq}, "
-            f"{stalled_queue} bytes queued for it)"
+            f"subscriber with {stalled_queue} bytes queued for it"
         )
 
         # The stalled subscriber, once it reads, still gets the whole answer.
