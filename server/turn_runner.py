@@ -20,33 +20,92 @@ from .upstream import IdleTimeout, UpstreamClient
 logger = logging.getLogger(__name__)
 
 
-class _ChoiceTracker:
-    """Which choices have appeared and which have their finish_reason."""
+class _Turn:
+    """The state of one turn while it streams, and the events it publishes."""
 
-    __slots__ = ("finish_reasons", "usage")
+    __slots__ = ("_log", "_turn", "_label", "_finish_reasons", "_usage")
 
-    def __init__(self) -> None:
-        self.finish_reasons: dict[int, str | None] = {}
-        self.usage: dict[str, Any] | None = None
+    def __init__(self, log: EventLog, turn: int, label: str) -> None:
+        self._log = log
+        self._turn = turn
+        self._label = label
+        # Every choice that appeared, with its finish_reason once it has one.
+        self._finish_reasons: dict[int, str | None] = {}
+        self._usage: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:
-        return bool(self.finish_reasons) and all(
-            reason is not None for reason in self.finish_reasons.values()
-        )
+        reasons = self._finish_reasons
+        return bool(reasons) and all(reason is not None for reason in reasons.values())
 
-    def ended_choices(self) -> list[dict[str, Any]]:
+    def on_chunk(self, chunk: ChatChunk) -> None:
+        for choice in chunk.choices:
+            if choice.finish_reason is not None or choice.index not in self._finish_reasons:
+                self._finish_reasons[choice.index] = choice.finish_reason
+            if choice.has_payload:
+                payload: dict[str, Any] = {
+                    "turn": self._turn,
+                    "choice": choice.index,
+                    "content": choice.content or "",
+                }
+                if choice.tool_calls:
+                    payload["tool_calls"] = choice.tool_calls
+                if choice.refusal:
+                    payload["refusal"] = choice.refusal
+                self._log.publish(ANSWER, payload)
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+
+    def _ended_choices(self) -> list[dict[str, Any]]:
         return [
             {"choice": index, "finish_reason": reason}
-            for index, reason in sorted(self.finish_reasons.items())
+            for index, reason in sorted(self._finish_reasons.items())
             if reason is not None
         ]
 
-    def missing(self) -> str:
-        if not self.finish_reasons:
+    def _missing(self) -> str:
+        if not self._finish_reasons:
             return "no choice at all"
-        open_choices = sorted(i for i, r in self.finish_reasons.items() if r is None)
-        return "no finish_reason for choice " + ", ".join(map(str, open_choices))
+        still_open = sorted(i for i, r in self._finish_reasons.items() if r is None)
+        return "no finish_reason for choice " + ", ".join(map(str, still_open))
+
+    def finish(self) -> None:
+        choices = self._ended_choices()
+        logger.info(
+            "%s: turn %d done (%s)",
+            self._label, self._turn, ", ".join(c["finish_reason"] for c in choices),
+        )
+        self._log.publish(
+            DONE,
+            {
+                "turn": self._turn,
+                "finish_reason": choices[0]["finish_reason"],
+                "usage": self._usage,
+                "choices": choices,
+            },
+        )
+
+    def fail(self, code: TurnErrorCode, message: str) -> None:
+        logger.info("%s: turn %d ended with %s: %s", self._label, self._turn, code, message)
+        self._log.publish(
+            ERROR,
+            {
+                "turn": self._turn,
+                "code": str(code),
+                "message": message,
+                "choices": self._ended_choices(),
+                "usage": self._usage,
+            },
+        )
+
+    def end_of_stream(self) -> None:
+        if self.complete:
+            self.finish()
+        else:
+            self.fail(
+                TurnErrorCode.UPSTREAM_PROTOCOL,
+                f"upstream stream ended before the answer was complete: {self._missing()}",
+            )
 
 
 async def run_turn(
@@ -59,76 +118,26 @@ async def run_turn(
 ) -> None:
     """Stream one answer into `log`. Never raises but CancelledError (after publishing)."""
     log.publish(TURN, {"turn": turn, "model": request["model"]})
-    tracker = _ChoiceTracker()
-
-    def on_chunk(chunk: ChatChunk) -> None:
-        for choice in chunk.choices:
-            if choice.finish_reason is not None or choice.index not in tracker.finish_reasons:
-                tracker.finish_reasons[choice.index] = choice.finish_reason
-            if choice.has_payload:
-                payload: dict[str, Any] = {
-                    "turn": turn,
-                    "choice": choice.index,
-                    "content": choice.content or "",
-                }
-                if choice.tool_calls:
-                    payload["tool_calls"] = choice.tool_calls
-                if choice.refusal:
-                    payload["refusal"] = choice.refusal
-                log.publish(ANSWER, payload)
-        if chunk.usage is not None:
-            tracker.usage = chunk.usage
-
-    def fail(code: TurnErrorCode, message: str) -> None:
-        logger.info("%s: turn %d ended with %s: %s", label, turn, code, message)
-        log.publish(
-            ERROR,
-            {
-                "turn": turn,
-                "code": str(code),
-                "message": message,
-                "choices": tracker.ended_choices(),
-                "usage": tracker.usage,
-            },
-        )
-
-    def finish() -> None:
-        choices = tracker.ended_choices()
-        logger.info(
-            "%s: turn %d done (%s)", label, turn, ", ".join(c["finish_reason"] for c in choices)
-        )
-        log.publish(
-            DONE,
-            {
-                "turn": turn,
-                "finish_reason": choices[0]["finish_reason"],
-                "usage": tracker.usage,
-                "choices": choices,
-            },
-        )
-
+    state = _Turn(log, turn, label)
     try:
-        await client.stream(request, on_chunk=on_chunk, label=label)
+        await client.stream(request, on_chunk=state.on_chunk, label=label, after_read=log.flush)
     except IdleTimeout as timeout:
-        if tracker.complete:
-            finish()
+        if state.complete:
+            state.finish()
         else:
-            fail(timeout.code, timeout.message)
+            state.fail(timeout.code, timeout.message)
     except UpstreamFailure as failure:
-        fail(failure.code, failure.message)
+        state.fail(failure.code, failure.message)
     except asyncio.CancelledError as cancelled:
         # The canceller says why through Task.cancel(msg).
         reason = str(cancelled.args[0]) if cancelled.args else "the turn was cancelled"
-        fail(TurnErrorCode.CANCELLED, reason)
+        state.fail(TurnErrorCode.CANCELLED, reason)
         raise
     except Exception:
         logger.exception("%s: turn %d failed unexpectedly", label, turn)
-        fail(TurnErrorCode.INTERNAL, "internal error while streaming the answer")
+        state.fail(TurnErrorCode.INTERNAL, "internal error while streaming the answer")
     else:
-        if tracker.complete:
-            finish()
-        else:
-            fail(
-                TurnErrorCode.UPSTREAM_PROTOCOL,
-                f"upstream stream ended before the answer was complete: {tracker.missing()}",
-            )
+        state.end_of_stream()
+    finally:
+        # Whatever happened, what was published reaches the subscribers in this loop turn.
+        log.flush()

@@ -25,7 +25,7 @@ import orjson
 from .chat_chunks import ChatChunk, describe_upstream_error, parse_chunk
 from .config import UpstreamSettings
 from .errors import TurnErrorCode, UpstreamFailure
-from .sse import SSEDecoder
+from .sse import LineTooLong, SSEDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +121,15 @@ class UpstreamClient:
         *,
         on_chunk: Callable[[ChatChunk], None],
         label: str,
+        after_read: Callable[[], None] | None = None,
     ) -> StreamEnd:
         """POST `request` with streaming on and feed each parsed chunk to `on_chunk`.
 
         Retries connection failures, 429 and 5xx up to `max_retries` times, but only
         until the first chunk has been handed over; after that a failure is final, so
         no text is ever duplicated. Returns how the stream ended; raises UpstreamFailure.
-        `on_chunk` may raise UpstreamFailure to end the stream.
+        `on_chunk` may raise UpstreamFailure to end the stream. `after_read` is called once
+        the chunks of one network read have all been handed over (a natural batch).
         """
         body = orjson.dumps(
             {**request, "stream": True, "stream_options": {"include_usage": True}}
@@ -139,7 +141,9 @@ class UpstreamClient:
         while True:
             attempts += 1
             try:
-                chunks, saw_done = await self._attempt(body, headers, on_chunk)
+                chunks, saw_done = await self._attempt(
+                    body, headers, on_chunk, after_read or _nothing, label
+                )
                 return StreamEnd(saw_done_marker=saw_done, chunks=chunks, attempts=attempts)
             except _Retryable as retryable:
                 if attempts > self._settings.max_retries:
@@ -174,12 +178,15 @@ class UpstreamClient:
         body: bytes,
         headers: dict[str, str],
         on_chunk: Callable[[ChatChunk], None],
+        after_read: Callable[[], None],
+        label: str,
     ) -> tuple[int, bool]:
         settings = self._settings
         loop = asyncio.get_running_loop()
         chunks = 0
         # One deadline for the whole attempt: first the first-chunk bound, then pushed
-        # forward by `idle_timeout` whenever bytes arrive after the first chunk.
+        # forward by `idle_timeout` at every chunk. Comments (keep-alives) do not count,
+        # so an upstream that only ever sends comments still times out.
         deadline = asyncio.timeout(settings.first_chunk_timeout)
         try:
             async with deadline:
@@ -189,9 +196,11 @@ class UpstreamClient:
                     await self._check_status(response)
                     decoder = SSEDecoder()
                     async for data in response.content.iter_any():
-                        if chunks:
-                            deadline.reschedule(loop.time() + settings.idle_timeout)
-                        for event in decoder.feed(data):
+                        try:
+                            events = decoder.feed(data)
+                        except LineTooLong as exc:
+                            raise UpstreamFailure(TurnErrorCode.UPSTREAM_PROTOCOL, str(exc)) from None
+                        for event in events:
                             if event.data == "[DONE]":
                                 return chunks, True
                             if event.event == "error":
@@ -201,9 +210,9 @@ class UpstreamClient:
                                 )
                             chunk = parse_chunk(event.data)
                             chunks += 1
-                            if chunks == 1:
-                                deadline.reschedule(loop.time() + settings.idle_timeout)
+                            deadline.reschedule(loop.time() + settings.idle_timeout)
                             on_chunk(chunk)
+                        after_read()
                     decoder.flush()
                     return chunks, False
         except aiohttp.ConnectionTimeoutError:
@@ -235,7 +244,10 @@ class UpstreamClient:
         ) as exc:
             if chunks:
                 # Cut mid-stream: the caller sees an ended stream and judges completeness.
-                logger.info("upstream stream cut after %d chunks: %s", chunks, type(exc).__name__)
+                logger.info(
+                    "%s: upstream stream cut after %d chunks: %s",
+                    label, chunks, type(exc).__name__,
+                )
                 return chunks, False
             raise _Retryable(
                 UpstreamFailure(
@@ -263,7 +275,7 @@ class UpstreamClient:
                     "not text/event-stream",
                 )
             return
-        raw = await response.content.read(_MAX_ERROR_BODY)
+        raw = await _read_bounded(response.content, _MAX_ERROR_BODY)
         detail = _error_body_message(raw)
         message = self._clean(f"upstream answered HTTP {response.status}: {detail}")
         failure = UpstreamFailure(TurnErrorCode.UPSTREAM_ERROR, message)
@@ -278,6 +290,23 @@ class UpstreamClient:
 
     def _clean(self, text: str) -> str:
         return redact(text, self._settings.api_key)
+
+
+def _nothing() -> None:
+    return None
+
+
+async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read a body to its end, or to `limit` bytes, whichever comes first."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        part = await content.read(limit - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 
 
 def _error_body_message(raw: bytes) -> str:
