@@ -76,14 +76,19 @@ def main(argv: list[str] | None = None) -> None:
         "Chorus listening on http://%s:%d/ (event loop: %s)",
         settings.server.host, settings.server.port, type(loop).__module__.split(".")[0],
     )
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        handler_cancellation=True,
-        print=None,
-        loop=loop,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.server.host,
+            port=settings.server.port,
+            handler_cancellation=True,
+            print=None,
+            loop=loop,
+        )
+    except OSError as error:
+        # Typically the address is taken: one line, like a config error, not a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

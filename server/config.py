@@ -146,6 +146,9 @@ def _validate(section: str, key: str, value: object, source: str) -> None:
             f"config error: {name} must be one of {sorted(_LOG_LEVELS)}, got {value!r} "
             f"(from {source})"
         )
+    if (section, key) == ("upstream", "model") and not str(value).strip():
+        # Requests that name no model get this one; empty, every such request would be refused.
+        raise ConfigError(f"config error: {name} must not be empty (from {source})")
     if (section, key) == ("upstream", "base_url"):
         text = str(value)
         if not (text.startswith("http://") or text.startswith("https://")):
@@ -179,7 +182,11 @@ def load_settings(
                 file_values = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"config error: file not found: {config_path}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except OSError as exc:
+            raise ConfigError(
+                f"config error: cannot read {config_path}: {exc.strerror or exc}"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config error: {config_path}: invalid TOML: {exc}") from None
 
     for section in file_values:

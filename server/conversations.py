@@ -18,6 +18,7 @@ from .chat_request import ChatStart
 from .config import HubSettings
 from .errors import Conflict, NotFound, TooManyRequests
 from .hub import EventLog, Hub
+from .tasks import cancel_and_wait
 from .transcript import STREAMING
 from .turn_runner import run_turn
 from .upstream import UpstreamClient
@@ -110,14 +111,7 @@ class Conversation:
         task = self._task
         if task is None or task.done():
             return False
-        task.cancel(reason)
-        try:
-            await task
-        except asyncio.CancelledError:
-            # The turn task was cancelled by us; if *we* are being cancelled, re-raise.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        await cancel_and_wait(task, reason)
         return True
 
     def schedule_expiry(self, delay: float, callback: Any) -> None:
@@ -208,6 +202,10 @@ class ConversationRegistry:
 
     def _turn_finished(self, conversation: Conversation) -> None:
         if self._conversations.get(conversation.id) is not conversation:
+            return
+        if conversation.streaming:
+            # A follow-up started the next turn before this callback ran (it runs a loop
+            # step after the task ends): the conversation is not finished.
             return
         conversation.finished_at = time.monotonic()
         conversation.schedule_expiry(self._settings.retention_seconds, self._expire)
