@@ -7,6 +7,7 @@ torn down in reverse. On shutdown every stream is ended with `end` `shutdown`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -19,9 +20,10 @@ from .config import Settings
 from .conversations import ConversationRegistry
 from .events_route import ChunkFramer
 from .http_errors import json_errors
-from .hub import MemoryHub
+from .hub import Hub, MemoryHub
 from .mock import MockSettings, build_mock_app
 from .routes import add_routes
+from .tasks import cancel_and_wait
 from .upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,23 @@ async def _upstream_and_registry(app: web.Application) -> AsyncIterator[None]:
             await mock_runner.cleanup()
 
 
+async def _beat(hub: Hub, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        hub.heartbeat()
+
+
+async def _heartbeat(app: web.Application) -> AsyncIterator[None]:
+    """One task pings every subscriber every `hub.heartbeat_seconds` (not one per stream)."""
+    task = asyncio.create_task(
+        _beat(app[HUB], app[SETTINGS].hub.heartbeat_seconds), name="hub-heartbeat"
+    )
+    try:
+        yield
+    finally:
+        await cancel_and_wait(task)
+
+
 async def _end_streams(app: web.Application) -> None:
     """Shutdown: stop every turn and end every subscriber's stream with `end` `shutdown`."""
     if REGISTRY in app:
@@ -97,6 +116,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[FRAMER] = ChunkFramer()
     app.cleanup_ctx.append(_upstream_and_registry)
+    app.cleanup_ctx.append(_heartbeat)
     app.on_shutdown.append(_end_streams)
     add_routes(app)
     return app

@@ -20,8 +20,10 @@ Flows, and who wins the race:
 - client disconnect: the server runs with `handler_cancellation=True`, so aiohttp cancels
   this handler when the connection drops; `finally` detaches the cursor. Until then the
   sink skips a closing transport. A drain that fails (reset) ends the loop the same way.
-- heartbeat: aiohttp-sse's ping task writes `: ping` comments every heartbeat_seconds.
-  Frames never interleave with it: each write reaches the transport in one piece.
+- heartbeat: one task for the whole hub (see `app.py`) pushes a `: ping` comment to every
+  subscriber every heartbeat_seconds through the same sink, so it never interleaves with
+  frames. aiohttp-sse's own ping task, one per connection, is switched off: it costs
+  about a kilobyte and a timer per subscriber.
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ class TransportSink:
         return not self._protocol.writing_paused
 
 
+class HubPingedResponse(EventSourceResponse):
+    """aiohttp-sse's SSE response (headers, chunked body, TCP_USER_TIMEOUT), without its
+    per-connection ping task: the hub's single heartbeat pings every subscriber."""
+
+    async def _ping(self) -> None:
+        return None
+
+
 def _parse_position(raw: str, *, what: str, code: str) -> int:
     text = raw.strip()
     if not text.isascii() or not text.isdigit() or len(text) > _MAX_ID_DIGITS:
@@ -126,7 +136,6 @@ async def stream_events(
     request: web.Request,
     log: EventLog,
     *,
-    heartbeat_seconds: float,
     retry_hint_ms: int,
     framer: ChunkFramer,
     label: str,
@@ -134,7 +143,7 @@ async def stream_events(
     """Serve one subscriber until the log ends or the client goes away."""
     position = resume_position(request, log)
     cursor = log.subscribe(after=position)
-    response = EventSourceResponse(ping_interval=heartbeat_seconds)
+    response = HubPingedResponse()
     try:
         writer = await response.prepare(request)
         assert writer is not None and request.transport is not None

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .sse import encode_frame
+from .sse import encode_comment, encode_frame
 from .transcript import LOG_EVENT_KINDS, Transcript
 
 
@@ -119,6 +119,9 @@ class EventLog(Protocol):
     def close(self, reason: str) -> None:
         """Hand every subscriber the `end` frame with `reason`; publishing is over."""
 
+    def heartbeat(self, frame: bytes) -> None:
+        """Push `frame` (a comment) to every pushed subscriber that is not backed up."""
+
 
 class Hub(Protocol):
     """Where conversations' logs live."""
@@ -133,6 +136,12 @@ class Hub(Protocol):
 
     @property
     def subscriber_count(self) -> int: ...
+
+    def heartbeat(self) -> None:
+        """Send the `: ping` comment to every subscriber of every conversation."""
+
+
+HEARTBEAT_FRAME = encode_comment("ping")
 
 
 class MemoryCursor:
@@ -378,6 +387,15 @@ class MemoryEventLog:
     def forget(self, cursor: MemoryCursor) -> None:
         self._cursors.discard(cursor)
 
+    def heartbeat(self, frame: bytes) -> None:
+        for cursor in self._cursors:
+            sink = cursor._sink
+            # A backed-up subscriber already has bytes on the way; no need to add more.
+            if sink is not None and not cursor._backed_up and not cursor._finished:
+                if not sink.send(frame):
+                    cursor._backed_up = True
+                    cursor.wake()
+
     def close(self, reason: str) -> None:
         if self._closed_reason is not None:
             return
@@ -417,3 +435,7 @@ class MemoryHub:
     @property
     def subscriber_count(self) -> int:
         return sum(log.subscriber_count for log in self._logs.values())
+
+    def heartbeat(self) -> None:
+        for log in self._logs.values():
+            log.heartbeat(HEARTBEAT_FRAME)

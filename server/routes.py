@@ -126,7 +126,6 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
     return await stream_events(
         request,
         conversation.log,
-        heartbeat_seconds=hub_settings.heartbeat_seconds,
         retry_hint_ms=hub_settings.retry_hint_ms,
         framer=request.app[FRAMER],
         label=f"conversation {conversation.id}",
