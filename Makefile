@@ -19,6 +19,11 @@ test: $(BIN)/.installed
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
+## Benchmark Chorus against a naive aiohttp hub (a few minutes; needs gcc and taskset).
+## Pass options with BENCH_ARGS, e.g. make bench BENCH_ARGS="--quick --only a,b".
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 typecheck: $(BIN)/.installed
 	$(BIN)/python -m mypy
 

@@ -51,10 +51,19 @@ def build_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """The loop `server.event_loop` asks for: "uvloop", "asyncio", or "auto" (uvloop if
+    installed). Raises ConfigError when uvloop is asked for and not installed."""
+    if choice == "asyncio":
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "config error: server.event_loop is 'uvloop' but uvloop is not installed "
+                "(pip install '.[speed]')"
+            ) from None
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = build_settings(args)
+        loop = new_event_loop(settings.server.event_loop)
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         raise SystemExit(2) from None
@@ -71,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    loop = _new_event_loop()
     logging.getLogger(__name__).info(
         "Chorus listening on http://%s:%d/ (event loop: %s)",
         settings.server.host, settings.server.port, type(loop).__module__.split(".")[0],

@@ -18,8 +18,7 @@ from aiohttp import web
 from .app_keys import FRAMER, HUB, REGISTRY, SETTINGS, UPSTREAM_INFO
 from .config import Settings
 from .conversations import ConversationRegistry
-from .events_route import ChunkFramer
-from .http_errors import json_errors
+from .transport_sink import ChunkFramer
 from .hub import Hub, MemoryHub
 from .mock import MockSettings, build_mock_app
 from .routes import add_routes
@@ -110,9 +109,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes, middlewares=[json_errors]
-    )
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
     app[FRAMER] = ChunkFramer()
     app.cleanup_ctx.append(_upstream_and_registry)

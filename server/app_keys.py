@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .config import Settings
 from .conversations import ConversationRegistry
-from .events_route import ChunkFramer
+from .transport_sink import ChunkFramer
 from .hub import Hub
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -29,6 +29,8 @@ class ServerSettings:
     port: int = 8000
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
+    # "auto": uvloop when it is installed (pip install .[speed]), else asyncio's own loop.
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +94,7 @@ _POSITIVE = {
     ("hub", "heartbeat_seconds"),
     ("mock", "answer_repeat"),
 }
+_EVENT_LOOPS = {"auto", "asyncio", "uvloop"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -141,6 +144,11 @@ def _validate(section: str, key: str, value: object, source: str) -> None:
         raise ConfigError(f"config error: {name} must be >= 0, got {value!r} (from {source})")
     if (section, key) == ("server", "port") and isinstance(value, int) and value > 65535:
         raise ConfigError(f"config error: {name} must be 0..65535, got {value!r} (from {source})")
+    if (section, key) == ("server", "event_loop") and value not in _EVENT_LOOPS:
+        raise ConfigError(
+            f"config error: {name} must be one of {sorted(_EVENT_LOOPS)}, got {value!r} "
+            f"(from {source})"
+        )
     if (section, key) == ("server", "log_level") and str(value).upper() not in _LOG_LEVELS:
         raise ConfigError(
             f"config error: {name} must be one of {sorted(_LOG_LEVELS)}, got {value!r} "

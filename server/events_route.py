@@ -22,81 +22,32 @@ Flows, and who wins the race:
   sink skips a closing transport. A drain that fails (reset) ends the loop the same way.
 - heartbeat: one task for the whole hub (see `app.py`) pushes a `: ping` comment to every
   subscriber every heartbeat_seconds through the same sink, so it never interleaves with
-  frames. aiohttp-sse's own ping task, one per connection, is switched off: it costs
-  about a kilobyte and a timer per subscriber.
+  frames.
+
+Why a plain `web.StreamResponse` and not aiohttp-sse's `EventSourceResponse`: that class
+starts a ping task per connection and keeps it, and its `send()` encodes and awaits per
+event; measured, it added about 1.9 KiB per idle subscriber, and none of its encoding is
+used here (frames are encoded once by the hub).
 """
 
 from __future__ import annotations
 
 import logging
 
-import asyncio
-
 from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp_sse import EventSourceResponse
 
-from .errors import InvalidRequest
+from .app_keys import FRAMER, REGISTRY, SETTINGS
+from .errors import ApiError, InvalidRequest
+from .http_errors import error_response
 from .hub import EventLog
+from .path_params import conversation_id_of
+from .transport_sink import TransportSink
 
 logger = logging.getLogger(__name__)
 
 _MAX_ID_DIGITS = 19
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no", ""}
-
-
-class ChunkFramer:
-    """Frames bytes as one HTTP/1.1 chunk, remembering the last result.
-
-    The hub hands every subscriber at the same position the very same bytes object, so
-    one framer shared by all sinks frames each batch once, not once per subscriber.
-    """
-
-    __slots__ = ("_last_in", "_last_out")
-
-    def __init__(self) -> None:
-        self._last_in = b""
-        self._last_out = b""
-
-    def frame(self, data: bytes) -> bytes:
-        if data is not self._last_in:
-            self._last_in = data
-            self._last_out = b"%x\r\n%b\r\n" % (len(data), data)
-        return self._last_out
-
-
-class TransportSink:
-    """Writes hub frames straight into one subscriber's chunked HTTP response.
-
-    Used only after the response's headers and first chunk went out through aiohttp, so
-    the bytes on the wire stay a valid chunked body; aiohttp's `write_eof()` ends it.
-    """
-
-    __slots__ = ("_transport", "_protocol", "_framer")
-
-    def __init__(
-        self, transport: asyncio.Transport, protocol: BaseProtocol, framer: ChunkFramer
-    ) -> None:
-        self._transport = transport
-        self._protocol = protocol
-        self._framer = framer
-
-    def send(self, data: bytes) -> bool:
-        transport = self._transport
-        if transport.is_closing():
-            # Gone: aiohttp is cancelling the handler, which will detach the cursor.
-            return True
-        transport.write(self._framer.frame(data))
-        return not self._protocol.writing_paused
-
-
-class HubPingedResponse(EventSourceResponse):
-    """aiohttp-sse's SSE response (headers, chunked body, TCP_USER_TIMEOUT), without its
-    per-connection ping task: the hub's single heartbeat pings every subscriber."""
-
-    async def _ping(self) -> None:
-        return None
 
 
 def _parse_position(raw: str, *, what: str, code: str) -> int:
@@ -132,32 +83,45 @@ def resume_position(request: web.Request, log: EventLog) -> int:
     return position
 
 
-async def stream_events(
-    request: web.Request,
-    log: EventLog,
-    *,
-    retry_hint_ms: int,
-    framer: ChunkFramer,
-    label: str,
-) -> web.StreamResponse:
-    """Serve one subscriber until the log ends or the client goes away."""
-    position = resume_position(request, log)
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx-style proxies not to buffer the stream
+}
+
+
+async def conversation_events(request: web.Request) -> web.StreamResponse:
+    """Serve one subscriber until the conversation ends or the client goes away.
+
+    Deliberately one coroutine with no wrapper: it stays suspended for the whole life of
+    the stream, and every frame kept on its stack is memory times the subscriber count.
+    """
+    try:
+        conversation = request.app[REGISTRY].get(conversation_id_of(request))
+        log = conversation.log
+        position = resume_position(request, log)
+    except ApiError as error:
+        return error_response(request, error)
     cursor = log.subscribe(after=position)
-    response = HubPingedResponse()
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    chunked = request.version >= (1, 1)
+    if chunked:
+        response.enable_chunked_encoding()
     try:
         writer = await response.prepare(request)
         assert writer is not None and request.transport is not None
-        async with response:
-            # One write: the headers, the reconnection hint, then the whole replay.
-            await response.write(b"retry: %d\n\n" % retry_hint_ms + cursor.take())
-            cursor.push_to(TransportSink(request.transport, request.protocol, framer))
-            while not cursor.finished:
-                await cursor.wait()
-                if cursor.backed_up:
-                    await writer.drain()
-                    cursor.resume()
+        # One write: the headers, the reconnection hint, then the whole replay.
+        retry_hint = b"retry: %d\n\n" % request.app[SETTINGS].hub.retry_hint_ms
+        await response.write(retry_hint + cursor.take())
+        framer = request.app[FRAMER] if chunked else None
+        cursor.push_to(TransportSink(request.transport, request.protocol, framer))
+        while not cursor.finished:
+            await cursor.wait()
+            if cursor.backed_up:
+                await writer.drain()
+                cursor.resume()
     except ConnectionResetError:
-        logger.debug("%s: subscriber went away", label)
+        logger.debug("conversation %s: subscriber went away", conversation.id)
     finally:
         cursor.detach()
     return response

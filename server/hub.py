@@ -21,6 +21,7 @@ write (or one snapshot). Subscribers at the same position share the same joined 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import orjson
@@ -63,9 +64,12 @@ class Cursor(Protocol):
         `snapshot` frame; followed by the `end` frame once the log is closed.
         """
 
-    async def wait(self) -> None:
-        """Pull mode: return once `take()` has something. Push mode: once the cursor is
-        backed up or finished. Returns at once if that is already so, or if detached."""
+    def wait(self) -> Awaitable[None]:
+        """Pull mode: done once `take()` has something. Push mode: once the cursor is
+        backed up or finished. Done at once if that is already so, or if detached.
+
+        A plain awaitable, not a coroutine: the owner awaits it for the whole life of an
+        idle stream, and a coroutine frame per subscriber is memory for nothing."""
 
     @property
     def backed_up(self) -> bool:
@@ -209,14 +213,13 @@ class MemoryCursor:
             return self.has_pending()
         return self._backed_up
 
-    async def wait(self) -> None:
+    def wait(self) -> asyncio.Future[None]:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
         if self._needs_owner():
-            return
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+            waiter.set_result(None)
+        return waiter
 
     def wake(self) -> None:
         waiter = self._waiter

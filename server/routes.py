@@ -5,7 +5,6 @@ Errors are raised as `ApiError`s and turned into JSON by the `json_errors` middl
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,14 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .app_keys import FRAMER, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import REGISTRY, SETTINGS, UPSTREAM_INFO
 from .chat_request import parse_chat_start, parse_follow_up
 from .errors import InvalidRequest, NotFound, PayloadTooLarge
-from .events_route import stream_events
+from .events_route import conversation_events
+from .http_errors import json_errors, no_such_route
+from .path_params import conversation_id_of
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def json_response(body: Any, *, status: int = 200) -> web.Response:
@@ -43,17 +43,11 @@ async def read_json(request: web.Request) -> object:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def _conversation_id(request: web.Request) -> str:
-    conversation_id = request.match_info["conversation_id"]
-    if not _CONVERSATION_ID.fullmatch(conversation_id):
-        raise NotFound("conversation not found", code="conversation_not_found")
-    return conversation_id
-
-
 def _events_url(conversation_id: str) -> str:
     return f"/v1/conversations/{conversation_id}/events"
 
 
+@json_errors
 async def create_conversation(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     body = await read_json(request)
@@ -71,8 +65,9 @@ async def create_conversation(request: web.Request) -> web.Response:
     )
 
 
+@json_errors
 async def follow_up(request: web.Request) -> web.Response:
-    conversation_id = _conversation_id(request)
+    conversation_id = conversation_id_of(request)
     content = parse_follow_up(await read_json(request))
     conversation, turn = request.app[REGISTRY].follow_up(conversation_id, content)
     return json_response(
@@ -86,21 +81,25 @@ async def follow_up(request: web.Request) -> web.Response:
     )
 
 
+@json_errors
 async def cancel_turn(request: web.Request) -> web.Response:
-    conversation = await request.app[REGISTRY].cancel(_conversation_id(request))
+    conversation = await request.app[REGISTRY].cancel(conversation_id_of(request))
     return json_response({"id": conversation.id, "status": conversation.status}, status=202)
 
 
+@json_errors
 async def delete_conversation(request: web.Request) -> web.Response:
-    await request.app[REGISTRY].delete(_conversation_id(request))
+    await request.app[REGISTRY].delete(conversation_id_of(request))
     return web.Response(status=204)
 
 
+@json_errors
 async def get_conversation(request: web.Request) -> web.Response:
-    conversation = request.app[REGISTRY].get(_conversation_id(request))
+    conversation = request.app[REGISTRY].get(conversation_id_of(request))
     return json_response(conversation.to_json())
 
 
+@json_errors
 async def list_conversations(request: web.Request) -> web.Response:
     return json_response(
         {
@@ -120,33 +119,37 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
 
 
-async def conversation_events(request: web.Request) -> web.StreamResponse:
-    conversation = request.app[REGISTRY].get(_conversation_id(request))
-    hub_settings = request.app[SETTINGS].hub
-    return await stream_events(
-        request,
-        conversation.log,
-        retry_hint_ms=hub_settings.retry_hint_ms,
-        framer=request.app[FRAMER],
-        label=f"conversation {conversation.id}",
-    )
-
-
+@json_errors
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@json_errors
 async def info(request: web.Request) -> web.Response:
     return json_response({"upstream": request.app[UPSTREAM_INFO], "version": __version__})
 
 
+@json_errors
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_ROOT / "index.html")
 
 
+# The page's files, listed once at start-up: only these names are ever served.
+_WEB_FILES = frozenset(path.name for path in WEB_ROOT.iterdir() if path.is_file())
+
+
+@json_errors
+async def web_file(request: web.Request) -> web.FileResponse:
+    """The page's own files, by name: no directory listing, no path outside `web/`."""
+    name = request.match_info["name"]
+    if name not in _WEB_FILES:
+        raise NotFound(f"no file {name!r}", code="not_found")
+    return web.FileResponse(WEB_ROOT / name)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
-    app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)
+    app.router.add_get("/web/{name}", web_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/info", info)
     app.router.add_post("/v1/conversations", create_conversation)
@@ -156,3 +159,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/conversations/{conversation_id}/messages", follow_up)
     app.router.add_post("/v1/conversations/{conversation_id}/cancel", cancel_turn)
     app.router.add_get("/v1/conversations/{conversation_id}/events", conversation_events)
+    # Last: whatever no route above took gets a JSON 404 (or 405 with Allow).
+    app.router.add_route("*", "/{tail:.*}", no_such_route)

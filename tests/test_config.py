@@ -43,7 +43,13 @@ SECTION_TYPES: dict[str, type[Any]] = {
 
 # What config.toml documents, key by key.
 DOCUMENTED = {
-    "server": {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 1048576, "log_level": "INFO"},
+    "server": {
+        "host": "127.0.0.1",
+        "port": 8000,
+        "max_body_bytes": 1048576,
+        "log_level": "INFO",
+        "event_loop": "auto",
+    },
     "upstream": {
         "base_url": "https://api.openai.com/v1",
         "model": "gpt-4o-mini",
@@ -75,6 +81,7 @@ ENV_OVERRIDES: list[tuple[str, str, str, object]] = [
     ("server", "port", "9001", 9001),
     ("server", "max_body_bytes", " 2048 ", 2048),
     ("server", "log_level", "debug", "debug"),
+    ("server", "event_loop", "asyncio", "asyncio"),
     ("upstream", "base_url", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"),
     ("upstream", "model", "env-model", "env-model"),
     ("upstream", "connect_timeout", "1.5", 1.5),
@@ -219,6 +226,7 @@ def test_cli_flags_override_environment_and_file(
         ([], {"CHORUS_HUB_BUFFER_EVENTS": "1.5"}, "hub.buffer_events"),
         ([], {"CHORUS_HUB_RETENTION_SECONDS": "-1"}, "hub.retention_seconds"),
         ([], {"CHORUS_SERVER_LOG_LEVEL": "loud"}, "server.log_level"),
+        ([], {"CHORUS_SERVER_EVENT_LOOP": "trio"}, "server.event_loop"),
         ([], {"CHORUS_UPSTREAM_MODEL": " "}, "upstream.model"),
         ([], {"CHORUS_MOCK_ANSWER_REPEAT": "0"}, "mock.answer_repeat"),
     ],
