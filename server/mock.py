@@ -4,6 +4,8 @@ Owns the deterministic mock answer (`mock_answer`), how an answer is cut into st
 pieces (`split_into_chunks`) and the aiohttp application that streams them
 (`build_mock_app`: `POST /v1/chat/completions`, `GET /v1/models`). Chorus serves it when no
 real upstream is configured, and `python -m server.mock` runs it standalone for load tests.
+For benchmarks it can stamp each piece with its send time (`MockSettings.stamp`) and hold
+every completion until it is released over HTTP (`MockSettings.hold`, `/control/release`).
 
 The wire format follows OpenAI's: `data: <chunk json>\\n\\n` frames, a role chunk, one chunk
 per piece, a finish chunk per choice, an optional usage chunk, then `data: [DONE]\\n\\n`.
@@ -22,8 +24,9 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import orjson
 from aiohttp import web
@@ -59,11 +62,19 @@ class MockSettings:
     `chunks_per_second` paces the pieces (0 or negative: as fast as possible, no sleeping);
     `model` is reported when the request names none; `answer_repeat` (>= 1) repeats the
     base answer to make long answers for load tests.
+
+    For benchmarks: `stamp` starts each piece's content with `t=<time.monotonic() when its
+    frame is written, 6 decimals>;` (CLOCK_MONOTONIC is system-wide on Linux, so a reader
+    in another process can compute publish-to-receive latency); the stamp is not a piece
+    of its own and changes no count. `hold` sends each completion's headers, then holds it
+    until `POST /control/release`; its pacing starts at the release.
     """
 
     chunks_per_second: float = 40.0
     model: str = "chorus-mock"
     answer_repeat: int = 1
+    stamp: bool = False
+    hold: bool = False
 
     def __post_init__(self) -> None:
         if math.isnan(self.chunks_per_second) or math.isinf(self.chunks_per_second):
@@ -279,8 +290,13 @@ class _ChunkEncoder:
     created: int
     model: str
     include_usage: bool
+    stamp: bool = False
 
     def choice(self, index: int, delta: Mapping[str, str], finish_reason: str | None) -> bytes:
+        if self.stamp and delta.get("content"):
+            # Read the clock here, so the stamp is the time the frame is made: _send_paced
+            # makes each frame just before writing it.
+            delta = {**delta, "content": f"t={time.monotonic():.6f};{delta['content']}"}
         return self._frame(
             [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
         )
@@ -326,48 +342,54 @@ class _ChoicePlan:
         return cls(pieces=pieces, finish_reason="stop")
 
 
+_MakeFrame = Callable[[], bytes]
+
+
 def _completion_frames(
     encoder: _ChunkEncoder, choices: Sequence[_ChoicePlan], *, prompt_tokens: int
-) -> Iterator[tuple[int, bytes]]:
-    """Yield `(round, frame)` for a whole completion, choices interleaved round by round.
+) -> Iterator[tuple[int, _MakeFrame]]:
+    """Yield `(round, make_frame)` for a whole completion, choices interleaved round by round.
 
-    Round 0 holds every choice's role chunk; round k holds the k-th piece of every choice
-    that has one, each followed by that choice's finish chunk if it was its last piece.
-    The usage chunk and `[DONE]` share the last round.
+    A frame is made by calling `make_frame()` when it is about to be sent (so a stamp is
+    its send time, not the time its round was planned). Round 0 holds every choice's role
+    chunk; round k holds the k-th piece of every choice that has one, each followed by that
+    choice's finish chunk if it was its last piece. The usage chunk and `[DONE]` share the
+    last round.
     """
     for index, choice in enumerate(choices):
-        yield 0, encoder.choice(index, {"role": "assistant", "content": ""}, None)
+        yield 0, partial(encoder.choice, index, {"role": "assistant", "content": ""}, None)
         if not choice.pieces:
-            yield 0, encoder.choice(index, {}, choice.finish_reason)
+            yield 0, partial(encoder.choice, index, {}, choice.finish_reason)
     last_round = max(len(choice.pieces) for choice in choices)
     for round_no in range(1, last_round + 1):
         for index, choice in enumerate(choices):
             if round_no <= len(choice.pieces):
                 piece = choice.pieces[round_no - 1]
-                yield round_no, encoder.choice(index, {"content": piece}, None)
+                yield round_no, partial(encoder.choice, index, {"content": piece}, None)
                 if round_no == len(choice.pieces):
-                    yield round_no, encoder.choice(index, {}, choice.finish_reason)
+                    yield round_no, partial(encoder.choice, index, {}, choice.finish_reason)
     if encoder.include_usage:
         completion_tokens = sum(len(choice.pieces) for choice in choices)
-        yield last_round, encoder.usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        yield last_round, partial(
+            encoder.usage, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
         )
-    yield last_round, _DONE_FRAME
+    yield last_round, lambda: _DONE_FRAME
 
 
 async def _send_paced(
-    response: web.StreamResponse, frames: Iterator[tuple[int, bytes]], *, rate: float
+    response: web.StreamResponse, frames: Iterator[tuple[int, _MakeFrame]], *, rate: float
 ) -> None:
-    """Write each frame with its own write; round k starts at start + k/rate.
+    """Make and write each frame with its own write; round k starts at start + k/rate.
 
-    The schedule is absolute (monotonic loop clock), so late wake-ups and slow writes do not
-    accumulate: a late round is followed by rounds that catch up. With `rate <= 0` nothing
-    sleeps, but each round yields to the event loop so one fast stream cannot starve others.
+    The schedule is absolute (monotonic loop clock, from the call), so late wake-ups and
+    slow writes do not accumulate: a late round is followed by rounds that catch up. With
+    `rate <= 0` nothing sleeps, but each round yields to the event loop so one fast stream
+    cannot starve others.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
     current_round = 0
-    for round_no, frame in frames:
+    for round_no, make_frame in frames:
         if round_no != current_round:
             current_round = round_no
             if rate > 0:
@@ -376,13 +398,51 @@ async def _send_paced(
                     await asyncio.sleep(delay)
             else:
                 await asyncio.sleep(0)
-        await response.write(frame)
+        await response.write(make_frame())
 
 
 # --- the application ----------------------------------------------------------------------
 
+class _ReleaseGate:
+    """Where held completions wait (`MockSettings.hold`) until the next `release()`.
+
+    A release lets every completion held at that moment start; one that arrives later
+    waits for the next release. `held` counts the completions waiting now, so a load test
+    can release only once all the requests it expects have arrived.
+    """
+
+    __slots__ = ("_event", "_held")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def wait(self) -> None:
+        event = self._event
+        self._held += 1
+        try:
+            await event.wait()
+        finally:
+            # A release has already taken this waiter off the count; one that leaves
+            # before it (a cancelled handler) takes itself off.
+            if not event.is_set():
+                self._held -= 1
+
+    def release(self) -> int:
+        """Let every held completion start; return how many there were."""
+        released, self._held = self._held, 0
+        self._event.set()
+        self._event = asyncio.Event()
+        return released
+
+
 _SETTINGS_KEY = web.AppKey("mock_settings", MockSettings)
 _COMPLETION_IDS_KEY = web.AppKey[Iterator[int]]("mock_completion_ids")
+_GATE_KEY = web.AppKey("mock_release_gate", _ReleaseGate)
 
 
 def build_mock_app(settings: MockSettings) -> web.Application:
@@ -394,12 +454,21 @@ def build_mock_app(settings: MockSettings) -> web.Application:
     choice=i)` for each choice i, cut by `split_into_chunks`; anything else gets a 400 with
     an OpenAI-shaped error body. Completion ids are `chatcmpl-mock-<n>`, counted per app.
     `GET /v1/models` lists the one model. The app can also be mounted with `add_subapp`.
+
+    With `settings.hold` two control routes are added: `GET /control/held` answers
+    `{"held": n}` (completions waiting now) and `POST /control/release` lets them all start
+    and answers `{"released": n}`. A held completion whose client has gone stays counted
+    until the release unless the server runs with `handler_cancellation`.
     """
     app = web.Application()
     app[_SETTINGS_KEY] = settings
     app[_COMPLETION_IDS_KEY] = itertools.count(1)
     app.router.add_post("/v1/chat/completions", _handle_chat_completions)
     app.router.add_get("/v1/models", _handle_models)
+    if settings.hold:
+        app[_GATE_KEY] = _ReleaseGate()
+        app.router.add_get("/control/held", _handle_held)
+        app.router.add_post("/control/release", _handle_release)
     return app
 
 
@@ -424,6 +493,7 @@ async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
         created=int(time.time()),
         model=completion.model,
         include_usage=completion.include_usage,
+        stamp=settings.stamp,
     )
     frames = _completion_frames(
         encoder, choices, prompt_tokens=_prompt_tokens(completion.messages)
@@ -445,6 +515,8 @@ async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
     )
     try:
         await response.prepare(request)
+        if settings.hold:
+            await request.app[_GATE_KEY].wait()
         await _send_paced(response, frames, rate=settings.chunks_per_second)
         await response.write_eof()
     except ConnectionResetError:
@@ -465,6 +537,17 @@ async def _handle_models(request: web.Request) -> web.Response:
         "data": [{"id": model, "object": "model", "created": 0, "owned_by": "chorus"}],
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _handle_held(request: web.Request) -> web.Response:
+    body = {"held": request.app[_GATE_KEY].held}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _handle_release(request: web.Request) -> web.Response:
+    released = request.app[_GATE_KEY].release()
+    logger.debug("mock: released %d held completion(s)", released)
+    return web.Response(body=orjson.dumps({"released": released}), content_type="application/json")
 
 
 def _error_response(error: _RequestError) -> web.Response:
@@ -511,13 +594,27 @@ def main(argv: list[str] | None = None) -> None:
         "--model", default=defaults.model, help="default model name (default: %(default)s)"
     )
     parser.add_argument(
+        "--stamp",
+        action="store_true",
+        help="start each piece's content with 't=<monotonic send time>;' (for latency)",
+    )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="hold each completion after its headers until POST /control/release",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
 
     try:
         settings = MockSettings(
-            chunks_per_second=args.rate, model=args.model, answer_repeat=args.repeat
+            chunks_per_second=args.rate,
+            model=args.model,
+            answer_repeat=args.repeat,
+            stamp=args.stamp,
+            hold=args.hold,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -549,7 +646,12 @@ async def _serve(settings: MockSettings, *, host: str, port: int) -> None:
             if settings.chunks_per_second > 0
             else "unpaced"
         )
-        logger.info("mock upstream listening on http://%s:%d/v1 (%s)", url_host, bound_port, pace)
+        extras = (", stamped" if settings.stamp else "") + (
+            ", held until released" if settings.hold else ""
+        )
+        logger.info(
+            "mock upstream listening on http://%s:%d/v1 (%s%s)", url_host, bound_port, pace, extras
+        )
         try:
             await _wait_for_stop_signal()
         finally:

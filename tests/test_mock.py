@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -378,3 +380,151 @@ async def test_client_disconnect_stops_the_stream(
     finally:
         logging.getLogger("server.mock").removeHandler(signal)
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+# --- benchmark options: stamp and hold ----------------------------------------------------
+
+_STAMP = re.compile(r"t=(\d+\.\d{6});(.*)", re.DOTALL)
+
+
+def unstamp(content: str) -> tuple[float, str]:
+    """Split a stamped piece into its stamp and the piece; fail if it is not stamped."""
+    match = _STAMP.fullmatch(content)
+    assert match is not None, f"not stamped: {content!r}"
+    return float(match.group(1)), match.group(2)
+
+
+def stamped_pieces(chunks: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    return [
+        unstamp(choice["delta"]["content"])
+        for choice in choice_chunks(chunks, 0)
+        if choice["delta"].get("content") and "role" not in choice["delta"]
+    ]
+
+
+async def test_stamp_is_each_piece_send_time(aiohttp_client: ClientFactory) -> None:
+    rate = 20.0
+    client = await aiohttp_client(
+        build_mock_app(MockSettings(chunks_per_second=rate, stamp=True))
+    )
+    before = time.monotonic()
+    chunks = await stream(
+        client, completion_request(max_tokens=3, stream_options={"include_usage": True})
+    )
+    after = time.monotonic()
+
+    pieces = split_into_chunks(mock_answer(MESSAGES))[:3]
+    stamps = stamped_pieces(chunks)
+    assert [piece for _, piece in stamps] == pieces
+    # Round k is sent no earlier than k/rate after the request: the stamp is taken when the
+    # frame is written, not when its round was planned.
+    for round_no, (stamp, _) in enumerate(stamps, start=1):
+        assert before + round_no / rate - 1e-6 <= stamp <= after
+    # The role chunk is not a piece and carries no stamp; the counts are the pieces'.
+    assert choice_chunks(chunks, 0)[0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+async def test_stamped_answer_is_the_answer_after_the_stamps(
+    aiohttp_client: ClientFactory,
+) -> None:
+    client = await aiohttp_client(
+        build_mock_app(MockSettings(chunks_per_second=0, stamp=True))
+    )
+    chunks = await stream(client, completion_request(n=2))
+    for index in (0, 1):
+        contents = [
+            choice["delta"]["content"]
+            for choice in choice_chunks(chunks, index)
+            if choice["delta"].get("content")
+        ]
+        assert "".join(unstamp(content)[1] for content in contents) == mock_answer(
+            MESSAGES, choice=index
+        )
+
+
+async def held_count(client: TestClient[Any, Any]) -> int:
+    response = await client.get("/control/held")
+    assert response.status == 200
+    body = orjson.loads(await response.read())
+    assert isinstance(body["held"], int)
+    return body["held"]
+
+
+async def release(client: TestClient[Any, Any]) -> int:
+    response = await client.post("/control/release")
+    assert response.status == 200
+    body = orjson.loads(await response.read())
+    assert isinstance(body["released"], int)
+    return body["released"]
+
+
+async def test_hold_streams_nothing_until_released(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(
+        build_mock_app(MockSettings(chunks_per_second=0, stamp=True, hold=True))
+    )
+    assert await release(client) == 0  # nothing held yet
+
+    # The headers come at once; the completion is then held.
+    response = await client.post("/v1/chat/completions", data=orjson.dumps(completion_request()))
+    assert response.status == 200
+    assert await held_count(client) == 1
+    assert response.content.total_bytes == 0
+
+    released_at = time.monotonic()
+    assert await release(client) == 1
+    assert await held_count(client) == 0
+    chunks, _ = decode_stream(await response.read())
+    stamps = stamped_pieces(chunks)
+    assert "".join(piece for _, piece in stamps) == mock_answer(MESSAGES)
+    assert min(stamp for stamp, _ in stamps) >= released_at
+
+    # A completion that arrives after a release waits for the next one.
+    second = await client.post("/v1/chat/completions", data=orjson.dumps(completion_request()))
+    assert second.status == 200
+    assert await held_count(client) == 1
+    assert await release(client) == 1
+    chunks, _ = decode_stream(await second.read())
+    assert "".join(piece for _, piece in stamped_pieces(chunks)) == mock_answer(MESSAGES)
+
+
+async def test_release_starts_every_held_completion(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(build_mock_app(MockSettings(chunks_per_second=0, hold=True)))
+    responses = [
+        await client.post("/v1/chat/completions", data=orjson.dumps(completion_request()))
+        for _ in range(3)
+    ]
+    assert await held_count(client) == 3
+    assert await release(client) == 3
+    for response in responses:
+        chunks, _ = decode_stream(await response.read())
+        assert content_of(chunks, 0) == mock_answer(MESSAGES)
+
+
+async def test_held_completion_whose_client_leaves_is_no_longer_counted(
+    aiohttp_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="server.mock")
+    signal = _RecordSignal("mock completion chatcmpl-mock-1: cancelled")
+    logging.getLogger("server.mock").addHandler(signal)
+    try:
+        # The test server runs with handler_cancellation, as Chorus's embedded mock does.
+        client = await aiohttp_client(
+            build_mock_app(MockSettings(chunks_per_second=0, hold=True))
+        )
+        response = await client.post(
+            "/v1/chat/completions", data=orjson.dumps(completion_request())
+        )
+        assert await held_count(client) == 1
+        response.close()
+        await asyncio.wait_for(signal.seen.wait(), timeout=10)
+        assert await held_count(client) == 0
+        assert await release(client) == 0
+    finally:
+        logging.getLogger("server.mock").removeHandler(signal)
+
+
+async def test_control_routes_only_with_hold(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(build_mock_app(UNPACED))
+    assert (await client.post("/control/release")).status == 404
+    assert (await client.get("/control/held")).status == 404
