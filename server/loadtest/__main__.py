@@ -1,0 +1,7 @@
+"""`python -m server.loadtest`: see `server.loadtest.cli`."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())
