@@ -181,3 +181,19 @@ def upstream_tasks() -> list[asyncio.Task[Any]]:
         for task in asyncio.all_tasks()
         if task.get_name().startswith("upstream:") and not task.done()
     ]
+
+
+# Modules whose tests run on both event loops Chorus supports: the ones that exercise
+# writing straight into transports, where asyncio's and uvloop's transports differ.
+_BOTH_LOOPS_MODULES = {"test_fanout", "test_batching"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in _BOTH_LOOPS_MODULES:
+        import uvloop
+
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
