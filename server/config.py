@@ -31,6 +31,10 @@ class ServerSettings:
     log_level: str = "INFO"
     # "auto": uvloop when it is installed (pip install .[speed]), else asyncio's own loop.
     event_loop: str = "auto"
+    # On SIGTERM/SIGINT: how long running turns may go on before they are cancelled.
+    shutdown_grace_seconds: float = 10.0
+    # A repeated Idempotency-Key within this window gets the first request's answer.
+    idempotency_window_seconds: float = 600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +48,8 @@ class UpstreamSettings:
     retry_backoff_seconds: float = 0.5
     retry_backoff_max_seconds: float = 8.0
     retry_after_max_seconds: float = 30.0
+    # Bound on a whole turn, retries included; 0 means none beyond the other timeouts.
+    total_timeout: float = 600.0
     max_choices: int = 8
     # Never read from a file: filled from OPENAI_API_KEY by `load_settings`.
     api_key: str | None = field(default=None, repr=False)
@@ -57,6 +63,35 @@ class HubSettings:
     max_conversations: int = 1000
     heartbeat_seconds: float = 15.0
     retry_hint_ms: int = 2000
+    # A subscriber whose pending writes have not drained in this many seconds is dropped.
+    send_timeout: float = 30.0
+    # When the last subscriber leaves a streaming turn: "keep" generating, or "cancel" it
+    # after idle_grace_seconds with nobody watching.
+    on_no_subscribers: str = "keep"
+    idle_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsSettings:
+    """Each bound answers 429 (or 413/503) with a JSON error when reached; 0 = unlimited
+    for the counts."""
+
+    max_live_conversations: int = 256
+    max_subscribers_per_conversation: int = 10_000
+    max_subscribers_total: int = 20_000
+    max_messages: int = 256
+    starts_per_minute_per_key: int = 60
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSettings:
+    """API keys come from CHORUS_API_KEYS (comma-separated) and/or `api_keys_file`, never
+    from config.toml; none configured means the API is open."""
+
+    api_keys_file: str = ""
+    require_watch_token: bool = False
+    watch_token_ttl_seconds: float = 3600.0
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +106,8 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     hub: HubSettings = field(default_factory=HubSettings)
     mock: MockSettingsSection = field(default_factory=MockSettingsSection)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     # True when the embedded mock upstream answers instead of a real model.
     use_mock: bool = False
 
@@ -80,6 +117,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "upstream": UpstreamSettings,
     "hub": HubSettings,
     "mock": MockSettingsSection,
+    "limits": LimitsSettings,
+    "auth": AuthSettings,
 }
 _SECRET_KEYS = {("upstream", "api_key")}
 _POSITIVE = {
@@ -93,8 +132,14 @@ _POSITIVE = {
     ("hub", "max_conversations"),
     ("hub", "heartbeat_seconds"),
     ("mock", "answer_repeat"),
+    ("hub", "send_timeout"),
+    ("auth", "watch_token_ttl_seconds"),
 }
-_EVENT_LOOPS = {"auto", "asyncio", "uvloop"}
+_CHOICES = {
+    ("server", "event_loop"): {"auto", "asyncio", "uvloop"},
+    ("hub", "on_no_subscribers"): {"keep", "cancel"},
+}
+_KIND_NAMES = {tuple: "a list of strings"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -115,6 +160,12 @@ def _coerce(section: str, key: str, raw: object, kind: type[Any], source: str) -
             if isinstance(raw, bool) or isinstance(raw, float):
                 raise ValueError
             return int(raw) if isinstance(raw, int) else int(str(raw).strip(), 10)
+        if kind is tuple:
+            # A TOML array of strings, or a comma-separated string (environment, flags).
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError
+            return tuple(item.strip() for item in items if item.strip())
         if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
@@ -127,12 +178,16 @@ def _coerce(section: str, key: str, raw: object, kind: type[Any], source: str) -
         return raw
     except ValueError:
         raise ConfigError(
-            f"config error: {name} must be {kind.__name__}, got {raw!r} (from {source})"
+            f"config error: {name} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+            f"got {raw!r} (from {source})"
         ) from None
 
 
 def _field_types(cls: type[Any]) -> dict[str, type[Any]]:
-    hints = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
+    hints = {
+        "int": int, "float": float, "str": str, "bool": bool, "str | None": str,
+        "tuple[str, ...]": tuple,
+    }
     return {f.name: hints[str(f.type)] for f in dataclasses.fields(cls)}
 
 
@@ -144,9 +199,10 @@ def _validate(section: str, key: str, value: object, source: str) -> None:
         raise ConfigError(f"config error: {name} must be >= 0, got {value!r} (from {source})")
     if (section, key) == ("server", "port") and isinstance(value, int) and value > 65535:
         raise ConfigError(f"config error: {name} must be 0..65535, got {value!r} (from {source})")
-    if (section, key) == ("server", "event_loop") and value not in _EVENT_LOOPS:
+    choices = _CHOICES.get((section, key))
+    if choices is not None and value not in choices:
         raise ConfigError(
-            f"config error: {name} must be one of {sorted(_EVENT_LOOPS)}, got {value!r} "
+            f"config error: {name} must be one of {sorted(choices)}, got {value!r} "
             f"(from {source})"
         )
     if (section, key) == ("server", "log_level") and str(value).upper() not in _LOG_LEVELS:
@@ -239,5 +295,7 @@ def load_settings(
         upstream=upstream,
         hub=sections["hub"],  # type: ignore[arg-type]
         mock=sections["mock"],  # type: ignore[arg-type]
+        limits=sections["limits"],  # type: ignore[arg-type]
+        auth=sections["auth"],  # type: ignore[arg-type]
         use_mock=use_mock,
     )

@@ -20,6 +20,8 @@ import pytest
 
 from server.__main__ import build_settings, parse_args
 from server.config import (
+    AuthSettings,
+    LimitsSettings,
     API_KEY_ENV,
     DEFAULT_UPSTREAM_BASE_URL,
     ConfigError,
@@ -30,6 +32,7 @@ from server.config import (
     UpstreamSettings,
     load_settings,
 )
+
 from server.sse import SSEDecoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +42,8 @@ SECTION_TYPES: dict[str, type[Any]] = {
     "upstream": UpstreamSettings,
     "hub": HubSettings,
     "mock": MockSettingsSection,
+    "limits": LimitsSettings,
+    "auth": AuthSettings,
 }
 
 # What config.toml documents, key by key.
@@ -49,6 +54,8 @@ DOCUMENTED = {
         "max_body_bytes": 1048576,
         "log_level": "INFO",
         "event_loop": "auto",
+        "shutdown_grace_seconds": 10.0,
+        "idempotency_window_seconds": 600.0,
     },
     "upstream": {
         "base_url": "https://api.openai.com/v1",
@@ -60,6 +67,7 @@ DOCUMENTED = {
         "retry_backoff_seconds": 0.5,
         "retry_backoff_max_seconds": 8.0,
         "retry_after_max_seconds": 30.0,
+        "total_timeout": 600.0,
         "max_choices": 8,
         "api_key": None,
     },
@@ -70,8 +78,24 @@ DOCUMENTED = {
         "max_conversations": 1000,
         "heartbeat_seconds": 15.0,
         "retry_hint_ms": 2000,
+        "send_timeout": 30.0,
+        "on_no_subscribers": "keep",
+        "idle_grace_seconds": 30.0,
     },
     "mock": {"chunks_per_second": 40.0, "answer_repeat": 1},
+    "limits": {
+        "max_live_conversations": 256,
+        "max_subscribers_per_conversation": 10000,
+        "max_subscribers_total": 20000,
+        "max_messages": 256,
+        "starts_per_minute_per_key": 60,
+    },
+    "auth": {
+        "api_keys_file": "",
+        "require_watch_token": False,
+        "watch_token_ttl_seconds": 3600.0,
+        "cors_origins": (),
+    },
     "use_mock": True,
 }
 
@@ -82,6 +106,21 @@ ENV_OVERRIDES: list[tuple[str, str, str, object]] = [
     ("server", "max_body_bytes", " 2048 ", 2048),
     ("server", "log_level", "debug", "debug"),
     ("server", "event_loop", "asyncio", "asyncio"),
+    ("server", "shutdown_grace_seconds", "2.5", 2.5),
+    ("server", "idempotency_window_seconds", "30", 30.0),
+    ("upstream", "total_timeout", "0", 0.0),
+    ("hub", "send_timeout", "0.5", 0.5),
+    ("hub", "on_no_subscribers", "cancel", "cancel"),
+    ("hub", "idle_grace_seconds", "0", 0.0),
+    ("limits", "max_live_conversations", "5", 5),
+    ("limits", "max_subscribers_per_conversation", "7", 7),
+    ("limits", "max_subscribers_total", "0", 0),
+    ("limits", "max_messages", "12", 12),
+    ("limits", "starts_per_minute_per_key", "3", 3),
+    ("auth", "api_keys_file", "/tmp/keys", "/tmp/keys"),
+    ("auth", "require_watch_token", "yes", True),
+    ("auth", "watch_token_ttl_seconds", "60", 60.0),
+    ("auth", "cors_origins", "http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     ("upstream", "base_url", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"),
     ("upstream", "model", "env-model", "env-model"),
     ("upstream", "connect_timeout", "1.5", 1.5),
@@ -227,6 +266,7 @@ def test_cli_flags_override_environment_and_file(
         ([], {"CHORUS_HUB_RETENTION_SECONDS": "-1"}, "hub.retention_seconds"),
         ([], {"CHORUS_SERVER_LOG_LEVEL": "loud"}, "server.log_level"),
         ([], {"CHORUS_SERVER_EVENT_LOOP": "trio"}, "server.event_loop"),
+        ([], {"CHORUS_HUB_ON_NO_SUBSCRIBERS": "pause"}, "hub.on_no_subscribers"),
         ([], {"CHORUS_UPSTREAM_MODEL": " "}, "upstream.model"),
         ([], {"CHORUS_MOCK_ANSWER_REPEAT": "0"}, "mock.answer_repeat"),
     ],
