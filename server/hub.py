@@ -21,7 +21,7 @@ write (or one snapshot). Subscribers at the same position share the same joined 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -81,6 +81,10 @@ class Cursor(Protocol):
     def resume(self) -> None:
         """After draining a backed-up sink: send everything missed as one write."""
 
+    def end(self, reason: str, *, retry_ms: int | None = None) -> None:
+        """End this one subscriber: after what it has pending, an `end` frame with `reason`
+        (and a `retry:` hint when given); then it is finished. The log goes on."""
+
     def detach(self) -> None:
         """Stop following the log. Idempotent."""
 
@@ -126,6 +130,12 @@ class EventLog(Protocol):
     def heartbeat(self, frame: bytes) -> None:
         """Push `frame` (a comment) to every pushed subscriber that is not backed up."""
 
+    def on_subscribers_changed(self, callback: Callable[[int], None] | None) -> None:
+        """Call `callback(count)` whenever a subscriber attaches or detaches."""
+
+    def end_subscribers(self, reason: str, *, retry_ms: int | None = None) -> None:
+        """End every current subscriber (see `Cursor.end`); the log itself goes on."""
+
 
 class Hub(Protocol):
     """Where conversations' logs live."""
@@ -153,7 +163,7 @@ class MemoryCursor:
     its owner waits."""
 
     __slots__ = ("_log", "_position", "_finished", "_waiter", "_attached", "_sink",
-                 "_backed_up")
+                 "_backed_up", "_ending")
 
     def __init__(self, log: MemoryEventLog, position: int) -> None:
         self._log = log
@@ -163,6 +173,8 @@ class MemoryCursor:
         self._attached = True
         self._sink: Sink | None = None
         self._backed_up = False
+        # The `end` frame this subscriber gets when it is ended on its own (see `end`).
+        self._ending: bytes | None = None
 
     @property
     def position(self) -> int:
@@ -176,20 +188,46 @@ class MemoryCursor:
     def backed_up(self) -> bool:
         return self._backed_up
 
+    def _end_frame(self) -> bytes | None:
+        if self._ending is not None:
+            return self._ending
+        return self._log.end_frame() if self._log.closed else None
+
     def has_pending(self) -> bool:
-        log = self._log
-        return self._position < log.last_seq or (log.closed and not self._finished)
+        if self._finished:
+            return False
+        return self._position < self._log.last_seq or self._end_frame() is not None
 
     def take(self) -> bytes:
+        if self._finished:
+            return b""
         log = self._log
         data = b""
         if self._position < log.last_seq:
             data = log.pending_after(self._position)
             self._position = log.last_seq
-        if log.closed and not self._finished:
+        end = self._end_frame()
+        if end is not None:
             self._finished = True
-            data += log.end_frame()
+            data += end
         return data
+
+    def end(self, reason: str, *, retry_ms: int | None = None) -> None:
+        if self._finished or self._ending is not None:
+            return
+        frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
+        self._ending = frame if retry_ms is None else b"retry: %d\n%b" % (retry_ms, frame)
+        self._deliver_end()
+
+    def _deliver_end(self) -> None:
+        """Hand over what is pending and the end frame now if the sink can take it; either
+        way wake the owner, who returns once the cursor is finished."""
+        sink = self._sink
+        if sink is not None and not self._backed_up and not self._finished:
+            data = self.take()
+            if data and not sink.send(data):
+                self._backed_up = True
+        self.wake()
 
     def push_to(self, sink: Sink) -> None:
         if self._sink is not None:
@@ -243,7 +281,7 @@ class MemoryEventLog:
     __slots__ = (
         "_frames", "_head", "_first_seq", "_last_seq", "_bytes", "_max_events",
         "_max_bytes", "_cursors", "_transcript", "_closed_reason", "_snapshot_cache",
-        "_end_frame", "_flush_handle",
+        "_end_frame", "_flush_handle", "_on_subscribers_changed",
     )
 
     def __init__(self, *, max_events: int, max_bytes: int) -> None:
@@ -262,6 +300,7 @@ class MemoryEventLog:
         self._snapshot_cache: tuple[int, bytes] | None = None
         self._end_frame: bytes | None = None
         self._flush_handle: asyncio.Handle | None = None
+        self._on_subscribers_changed: Callable[[int], None] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -323,7 +362,7 @@ class MemoryEventLog:
                     cursor.wake()
                 continue
             position = cursor._position
-            if cursor._backed_up or position >= last_seq:
+            if cursor._backed_up or cursor._finished or position >= last_seq:
                 continue
             if position != shared_position:
                 shared = self.pending_after(position)
@@ -385,10 +424,21 @@ class MemoryEventLog:
             raise ValueError(f"position {after} is outside 0..{self._last_seq}")
         cursor = MemoryCursor(self, after)
         self._cursors.add(cursor)
+        if self._on_subscribers_changed is not None:
+            self._on_subscribers_changed(len(self._cursors))
         return cursor
 
     def forget(self, cursor: MemoryCursor) -> None:
         self._cursors.discard(cursor)
+        if self._on_subscribers_changed is not None:
+            self._on_subscribers_changed(len(self._cursors))
+
+    def on_subscribers_changed(self, callback: Callable[[int], None] | None) -> None:
+        self._on_subscribers_changed = callback
+
+    def end_subscribers(self, reason: str, *, retry_ms: int | None = None) -> None:
+        for cursor in list(self._cursors):
+            cursor.end(reason, retry_ms=retry_ms)
 
     def heartbeat(self, frame: bytes) -> None:
         for cursor in self._cursors:
@@ -404,12 +454,9 @@ class MemoryEventLog:
             return
         self.flush()
         self._closed_reason = reason
-        end = self._end_frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
-        for cursor in self._cursors:
-            if cursor._sink is not None and not cursor._backed_up and not cursor._finished:
-                cursor._finished = True
-                cursor._sink.send(end)
-            cursor.wake()
+        self._end_frame = encode_frame(event="end", data=orjson.dumps({"reason": reason}))
+        for cursor in list(self._cursors):
+            cursor._deliver_end()
 
 
 class MemoryHub:
