@@ -17,6 +17,12 @@ Flows, and who wins the race:
   cursor: one write of everything missed (or a snapshot). Repeat.
 - normal end: the log is closed (deleted / expired / shutdown); the hub sends the
   pending frames and the `end` frame; the cursor is finished and this handler returns.
+- watch token expires (`auth.require_watch_token`): a timer handle set at attach calls
+  `cursor.end("token_expired")`, which ends this subscriber alone like a normal end;
+  `finally` cancels the handle when the stream ends first.
+- stalled: a backed-up connection that does not drain within `hub.send_timeout` is
+  aborted (and the kernel is told, with TCP_USER_TIMEOUT, to give up on a peer that
+  acknowledges nothing for as long, which covers heartbeats on a quiet stream too).
 - client disconnect: the server runs with `handler_cancellation=True`, so aiohttp cancels
   this handler when the connection drops; `finally` detaches the cursor. Until then the
   sink skips a closing transport. A drain that fails (reset) ends the loop the same way.
@@ -34,14 +40,17 @@ from __future__ import annotations
 
 import logging
 
+import asyncio
+
 from aiohttp import web
 
-from .app_keys import FRAMER, REGISTRY, SETTINGS
+from .app_keys import FRAMER, HUB, LIMITS, REGISTRY, SETTINGS
+from .auth import authorize_watch, end_when_token_expires
 from .errors import ApiError, InvalidRequest
 from .http_errors import error_response
 from .hub import EventLog
 from .path_params import conversation_id_of
-from .transport_sink import TransportSink
+from .transport_sink import TransportSink, limit_unacknowledged_time
 
 logger = logging.getLogger(__name__)
 
@@ -97,31 +106,55 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
     the stream, and every frame kept on its stack is memory times the subscriber count.
     """
     try:
-        conversation = request.app[REGISTRY].get(conversation_id_of(request))
+        conversation_id = conversation_id_of(request)
+        # Before the lookup: without a valid token, not even existence is revealed.
+        token_seconds_left = authorize_watch(request, conversation_id)
+        conversation = request.app[REGISTRY].get(conversation_id)
         log = conversation.log
         position = resume_position(request, log)
+        # No await from here to subscribe(): the subscriber bounds cannot be overshot.
+        request.app[LIMITS].admit_subscriber(
+            conversation_subscribers=log.subscriber_count,
+            total_subscribers=request.app[HUB].subscriber_count,
+        )
     except ApiError as error:
         return error_response(request, error)
     cursor = log.subscribe(after=position)
+    token_expiry = end_when_token_expires(cursor, token_seconds_left)
     response = web.StreamResponse(headers=SSE_HEADERS)
     chunked = request.version >= (1, 1)
     if chunked:
         response.enable_chunked_encoding()
+    send_timeout = request.app[SETTINGS].hub.send_timeout
     try:
         writer = await response.prepare(request)
-        assert writer is not None and request.transport is not None
-        # One write: the headers, the reconnection hint, then the whole replay.
+        transport = request.transport
+        assert writer is not None and transport is not None
+        limit_unacknowledged_time(transport, send_timeout)
+        # One write: the headers, the reconnection hint, then the whole replay. The send
+        # timeout bounds only waits for a backed-up connection, never the hot path.
         retry_hint = b"retry: %d\n\n" % request.app[SETTINGS].hub.retry_hint_ms
-        await response.write(retry_hint + cursor.take())
+        async with asyncio.timeout(send_timeout):
+            await response.write(retry_hint + cursor.take())
         framer = request.app[FRAMER] if chunked else None
-        cursor.push_to(TransportSink(request.transport, request.protocol, framer))
+        cursor.push_to(TransportSink(transport, request.protocol, framer))
         while not cursor.finished:
             await cursor.wait()
             if cursor.backed_up:
-                await writer.drain()
+                async with asyncio.timeout(send_timeout):
+                    await writer.drain()
                 cursor.resume()
+    except TimeoutError:
+        logger.info(
+            "conversation %s: dropped a subscriber whose writes did not drain in %g s",
+            conversation.id, send_timeout,
+        )
+        if request.transport is not None:
+            request.transport.abort()
     except ConnectionResetError:
         logger.debug("conversation %s: subscriber went away", conversation.id)
     finally:
+        if token_expiry is not None:
+            token_expiry.cancel()
         cursor.detach()
     return response

@@ -8,8 +8,23 @@ response headers and the replay, so the bytes on the wire stay one valid body.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from aiohttp.base_protocol import BaseProtocol
+
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
+
+
+def limit_unacknowledged_time(transport: asyncio.BaseTransport, seconds: float) -> None:
+    """Ask the kernel to drop the connection when sent data stays unacknowledged (or the
+    peer's window stays shut) for `seconds`: a vanished or frozen client is then noticed
+    even on a quiet stream that never fills the send buffer. No-op where unsupported."""
+    sock = transport.get_extra_info("socket")
+    if _TCP_USER_TIMEOUT is None or sock is None:
+        return
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
 
 
 class ChunkFramer:

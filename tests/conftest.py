@@ -14,7 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.app_keys import REGISTRY
-from server.config import HubSettings, ServerSettings, Settings, UpstreamSettings
+from server.config import (
+    AuthSettings,
+    HubSettings,
+    LimitsSettings,
+    ServerSettings,
+    Settings,
+    UpstreamSettings,
+)
 from server.conversations import ConversationRegistry
 from server.sse import ServerSentEvent, SSEDecoder
 
@@ -38,10 +45,14 @@ def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
         api_key="sk-test-SECRET-key-0123456789",
     )
     hub = HubSettings(heartbeat_seconds=60.0, retention_seconds=60.0)
+    # Every test client is 127.0.0.1: no start-rate limit unless a test asks for one.
+    limits = LimitsSettings(starts_per_minute_per_key=0)
     return Settings(
         server=dataclasses.replace(server, **sections.get("server", {})),
         upstream=dataclasses.replace(upstream, **sections.get("upstream", {})),
         hub=dataclasses.replace(hub, **sections.get("hub", {})),
+        limits=dataclasses.replace(limits, **sections.get("limits", {})),
+        auth=dataclasses.replace(AuthSettings(), **sections.get("auth", {})),
         use_mock=False,
     )
 
@@ -86,9 +97,9 @@ class EventStream:
                 return self.events[: self._read]
 
     async def until_turn_ends(self, turn: int = 0) -> list[ServerSentEvent]:
-        return await self.until(
-            lambda e: e.event in ("done", "error") and orjson.loads(e.data)["turn"] == turn
-        )
+        """Read until turn `turn` has ended: its `done` or `error` event, or a `snapshot`
+        (sent to a subscriber that fell behind) in which that turn is no longer streaming."""
+        return await self.until(lambda e: turn_has_ended(e, turn))
 
     async def until_closed(self) -> list[ServerSentEvent]:
         try:
@@ -99,6 +110,15 @@ class EventStream:
 
     def close(self) -> None:
         self.response.close()
+
+
+def turn_has_ended(event: ServerSentEvent, turn: int = 0) -> bool:
+    if event.event in ("done", "error"):
+        return bool(orjson.loads(event.data)["turn"] == turn)
+    if event.event == "snapshot":
+        turns = orjson.loads(event.data)["turns"]
+        return len(turns) > turn and turns[turn]["status"] != "streaming"
+    return False
 
 
 def payloads(events: list[ServerSentEvent], kind: str) -> list[dict[str, Any]]:

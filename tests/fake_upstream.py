@@ -41,6 +41,13 @@ class WaitFor:
 
 
 @dataclass(frozen=True)
+class Delay:
+    """Pause for this many seconds: pacing, as a real model streams (not synchronization)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Cut:
     """Drop the connection abruptly, mid-stream."""
 
@@ -50,7 +57,7 @@ class Hang:
     """Never answer again; wait until the client goes away."""
 
 
-Step = Respond | Send | WaitFor | Cut | Hang
+Step = Respond | Send | WaitFor | Delay | Cut | Hang
 
 
 @dataclass
@@ -114,11 +121,19 @@ DONE = sse("[DONE]")
 
 
 def answer_script(
-    pieces: list[str], *, usage: bool = True, finish_reason: str = "stop"
+    pieces: list[str],
+    *,
+    usage: bool = True,
+    finish_reason: str = "stop",
+    pace: float = 0.0,
 ) -> Script:
-    """A well-formed stream: a role chunk, one chunk per piece, finish, usage, [DONE]."""
+    """A well-formed stream: a role chunk, one chunk per piece (each `pace` seconds apart
+    when given), finish, usage, [DONE]."""
     steps: list[Step] = [Send(sse(chunk(role="assistant", content="")))]
-    steps += [Send(sse(chunk(content=piece))) for piece in pieces]
+    for piece in pieces:
+        if pace:
+            steps.append(Delay(pace))
+        steps.append(Send(sse(chunk(content=piece))))
     steps.append(Send(sse(chunk(finish_reason=finish_reason))))
     if usage:
         steps.append(Send(sse(usage_chunk())))
@@ -169,6 +184,8 @@ class FakeUpstream:
                 return web.Response(status=step.status, body=step.body, headers=step.headers)
             if isinstance(step, WaitFor):
                 await step.event.wait()
+            elif isinstance(step, Delay):
+                await asyncio.sleep(step.seconds)
             elif isinstance(step, Hang):
                 await asyncio.Event().wait()
             elif isinstance(step, Cut):
