@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-from .chat_chunks import ChatChunk
+from .chat_chunks import ChatChunk, ChoiceDelta
 from .errors import TurnErrorCode, UpstreamFailure
 from .hub import EventLog
 from .transcript import ANSWER, DONE, ERROR, TURN
@@ -20,18 +20,47 @@ from .upstream import IdleTimeout, UpstreamClient
 logger = logging.getLogger(__name__)
 
 
+_CHARS_PER_TOKEN = 4
+
+
+def _payload_chars(choice: ChoiceDelta) -> int:
+    count = len(choice.content or "") + len(choice.refusal or "")
+    for call in choice.tool_calls or ():
+        function = call.get("function")
+        if isinstance(function, dict):
+            count += sum(len(v) for v in function.values() if isinstance(v, str))
+    return count
+
+
+def _prompt_chars(request: dict[str, Any]) -> int:
+    count = 0
+    for message in request.get("messages", ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            count += len(content)
+        elif isinstance(content, list):
+            count += sum(
+                len(part["text"]) for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return count
+
+
 class _Turn:
     """The state of one turn while it streams, and the events it publishes."""
 
-    __slots__ = ("_log", "_turn", "_label", "_finish_reasons", "_usage")
+    __slots__ = ("_log", "_turn", "_label", "_finish_reasons", "_usage", "_prompt_chars",
+                 "_generated_chars")
 
-    def __init__(self, log: EventLog, turn: int, label: str) -> None:
+    def __init__(self, log: EventLog, turn: int, label: str, *, prompt_chars: int) -> None:
         self._log = log
         self._turn = turn
         self._label = label
         # Every choice that appeared, with its finish_reason once it has one.
         self._finish_reasons: dict[int, str | None] = {}
         self._usage: dict[str, Any] | None = None
+        self._prompt_chars = prompt_chars
+        self._generated_chars = 0
 
     @property
     def complete(self) -> bool:
@@ -43,6 +72,7 @@ class _Turn:
             if choice.finish_reason is not None or choice.index not in self._finish_reasons:
                 self._finish_reasons[choice.index] = choice.finish_reason
             if choice.has_payload:
+                self._generated_chars += _payload_chars(choice)
                 payload: dict[str, Any] = {
                     "turn": self._turn,
                     "choice": choice.index,
@@ -55,6 +85,20 @@ class _Turn:
                 self._log.publish(ANSWER, payload)
         if chunk.usage is not None:
             self._usage = chunk.usage
+
+    def usage(self) -> dict[str, Any]:
+        """What upstream reported, else an estimate (about 4 characters a token) marked
+        `"estimated": true`, so a cut or cancelled turn still records what it cost."""
+        if self._usage is not None:
+            return self._usage
+        prompt = -(-self._prompt_chars // _CHARS_PER_TOKEN)
+        completion = -(-self._generated_chars // _CHARS_PER_TOKEN)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "estimated": True,
+        }
 
     def _ended_choices(self) -> list[dict[str, Any]]:
         return [
@@ -80,7 +124,7 @@ class _Turn:
             {
                 "turn": self._turn,
                 "finish_reason": choices[0]["finish_reason"],
-                "usage": self._usage,
+                "usage": self.usage(),
                 "choices": choices,
             },
         )
@@ -94,7 +138,7 @@ class _Turn:
                 "code": str(code),
                 "message": message,
                 "choices": self._ended_choices(),
-                "usage": self._usage,
+                "usage": self.usage(),
             },
         )
 
@@ -118,7 +162,7 @@ async def run_turn(
 ) -> None:
     """Stream one answer into `log`. Never raises but CancelledError (after publishing)."""
     log.publish(TURN, {"turn": turn, "model": request["model"]})
-    state = _Turn(log, turn, label)
+    state = _Turn(log, turn, label, prompt_chars=_prompt_chars(request))
     try:
         await client.stream(request, on_chunk=state.on_chunk, label=label, after_read=log.flush)
     except IdleTimeout as timeout:

@@ -48,6 +48,16 @@ class IdleTimeout(UpstreamFailure):
         )
 
 
+class TotalTimeout(UpstreamFailure):
+    """The whole turn, retries included, ran past `upstream.total_timeout`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            TurnErrorCode.UPSTREAM_TIMEOUT,
+            f"the answer took longer than upstream.total_timeout ({seconds:g} s)",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
     """How a stream that did not fail ended."""
@@ -137,6 +147,22 @@ class UpstreamClient:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._settings.api_key:
             headers["Authorization"] = f"Bearer {self._settings.api_key}"
+        total = self._settings.total_timeout
+        try:
+            async with asyncio.timeout(total if total > 0 else None):
+                return await self._attempts(body, headers, on_chunk, after_read, label)
+        except TimeoutError:
+            # Only the total deadline gets here: every inner timeout became UpstreamFailure.
+            raise TotalTimeout(total) from None
+
+    async def _attempts(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        on_chunk: Callable[[ChatChunk], None],
+        after_read: Callable[[], None] | None,
+        label: str,
+    ) -> StreamEnd:
         attempts = 0
         while True:
             attempts += 1

@@ -10,6 +10,7 @@ received, and that no `upstream:` task is left running. Pure tests cover
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import socket
 import time
@@ -58,6 +59,24 @@ class Turn:
     events: list[ServerSentEvent]
     raw: bytes
     state: dict[str, Any]
+    prompt_chars: int
+
+    @property
+    def estimated_usage(self) -> dict[str, Any]:
+        """The usage Chorus records when upstream reported none: ~4 characters a token."""
+        generated = 0
+        for answer in payloads(self.events, "answer"):
+            generated += len(answer["content"]) + len(answer.get("refusal", ""))
+            for call in answer.get("tool_calls", ()):
+                function = call.get("function", {})
+                generated += sum(len(v) for v in function.values() if isinstance(v, str))
+        prompt, completion = -(-self.prompt_chars // 4), -(-generated // 4)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "estimated": True,
+        }
 
     @property
     def kinds(self) -> list[str]:
@@ -77,8 +96,14 @@ class Turn:
         return found[0]
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 async def play(chorus: Chorus, **body: Any) -> Turn:
-    """Start a conversation, read its first turn to the end, wait for its task to finish."""
+    """Start a conversation, read its first turn to the end, and check that nothing is left
+    behind: no upstream task, no upstream connection, no file descriptor."""
+    fds_before = open_fds()
     created = await chorus.create(**body)
     stream = await chorus.subscribe(created["id"])
     assert stream.status == 200
@@ -86,7 +111,20 @@ async def play(chorus: Chorus, **body: Any) -> Turn:
     stream.close()
     await eventually(lambda: not upstream_tasks())
     state = await chorus.state(created["id"])
-    return Turn(id=created["id"], events=events, raw=bytes(stream.raw), state=state)
+    # The upstream connection is released (or closed) and the subscriber's is gone: the
+    # process holds no more descriptors than before (pooled keep-alive ones excepted).
+    await eventually(lambda: open_fds() <= fds_before + _POOLED_CONNECTIONS)
+    messages = body.get("messages", [{"role": "user", "content": "hello"}])
+    prompt_chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return Turn(
+        id=created["id"], events=events, raw=bytes(stream.raw), state=state,
+        prompt_chars=prompt_chars,
+    )
+
+
+# Keep-alive connections aiohttp may pool after a turn: one from Chorus to the upstream,
+# one from the test client to Chorus (and their server-side ends).
+_POOLED_CONNECTIONS = 4
 
 
 def choice_state(
@@ -113,9 +151,11 @@ def assert_failed(
     *,
     choices: list[dict[str, Any]],
     answers: int = 0,
-    usage: dict[str, int] | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> None:
     """The turn ended with exactly one `error` event and the state agrees with it."""
+    if usage is None:
+        usage = turn.estimated_usage
     assert turn.kinds == ["turn", *["answer"] * answers, "error"]
     status = "cancelled" if code is TurnErrorCode.CANCELLED else "error"
     error = turn.only("error")
@@ -484,7 +524,7 @@ class TestDeltaFields:
         assert turn.only("done") == {
             "turn": 0,
             "finish_reason": "stop",
-            "usage": None,
+            "usage": turn.estimated_usage,
             "choices": [{"choice": 0, "finish_reason": "stop"}],
         }
         assert turn.reported["choices"] == [
@@ -867,7 +907,7 @@ class TestTimeouts:
         assert turn.only("done") == {
             "turn": 0,
             "finish_reason": "stop",
-            "usage": None,
+            "usage": turn.estimated_usage,
             "choices": [
                 {"choice": 0, "finish_reason": "stop"},
                 {"choice": 1, "finish_reason": "length"},
@@ -909,6 +949,31 @@ class TestTimeouts:
 
 
 # --- protocol violations --------------------------------------------------------------------
+
+
+class TestTotalDeadline:
+    """`upstream.total_timeout` bounds a whole turn even when chunks keep coming."""
+
+    async def test_a_turn_past_the_total_deadline_is_cut(
+        self, start_chorus: StartChorus, fake_upstream: FakeUpstream
+    ) -> None:
+        # A chunk every 50 ms for ever: the idle timeout never fires, the total one does.
+        fake_upstream.enqueue(answer_script(["tick "] * 400, pace=0.05))
+        chorus = await start_chorus(upstream={"total_timeout": 0.5, "idle_timeout": 5.0})
+        turn = await play(chorus)
+
+        ticks = len(payloads(turn.events, "answer"))
+        assert 0 < ticks < 400
+        assert_failed(
+            turn,
+            TurnErrorCode.UPSTREAM_TIMEOUT,
+            "the answer took longer than upstream.total_timeout (0.5 s)",
+            choices=[choice_state(content="tick " * ticks)],
+            answers=ticks,
+        )
+        # Cut, so upstream reported no usage: it is estimated, and says so.
+        assert turn.reported["usage"]["estimated"] is True
+        assert turn.reported["usage"]["completion_tokens"] == -(-len("tick " * ticks) // 4)
 
 
 class TestProtocolViolations:
@@ -1197,7 +1262,10 @@ class TestCancellation:
         stream.close()
         await eventually(lambda: fake_upstream.active == 0)
         await eventually(lambda: not upstream_tasks())
-        turn = Turn(created["id"], events, bytes(stream.raw), await chorus.state(created["id"]))
+        turn = Turn(
+            created["id"], events, bytes(stream.raw), await chorus.state(created["id"]),
+            prompt_chars=len("hello"),
+        )
 
         assert fake_upstream.calls == 1
         assert_failed(
@@ -1225,7 +1293,10 @@ class TestCancellation:
         events = await stream.until_turn_ends()
         stream.close()
         await eventually(lambda: not upstream_tasks())
-        turn = Turn(created["id"], events, bytes(stream.raw), await chorus.state(created["id"]))
+        turn = Turn(
+            created["id"], events, bytes(stream.raw), await chorus.state(created["id"]),
+            prompt_chars=len("hello"),
+        )
 
         assert fake_upstream.calls == 1
         assert_failed(turn, TurnErrorCode.CANCELLED, "cancelled by request", choices=[])
