@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_app
+from .auth import RedactingAccessLogger
 from .config import ConfigError, Settings, load_settings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -93,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
             handler_cancellation=True,
             print=None,
             loop=loop,
+            # Handlers still running after the graceful part are cancelled after this long.
+            shutdown_timeout=settings.server.shutdown_grace_seconds + 5.0,
+            access_log_class=RedactingAccessLogger,
         )
+    except ConfigError as error:
+        # Found at start-up (the API keys file, the token secret): as above, one line.
+        print(str(error), file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as error:
         # Typically the address is taken: one line, like a config error, not a traceback.
         print(f"error: {error}", file=sys.stderr)

@@ -15,11 +15,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .app_keys import FRAMER, HUB, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import FRAMER, HUB, IDEMPOTENCY, LIMITS, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .auth import caller_identity, setup_access_control
 from .config import Settings
 from .conversations import ConversationRegistry
 from .transport_sink import ChunkFramer
 from .hub import Hub, MemoryHub
+from .idempotency import IdempotencyStore
+from .limits import Limits
 from .mock import MockSettings, build_mock_app
 from .routes import add_routes
 from .tasks import cancel_and_wait
@@ -74,7 +77,8 @@ async def _upstream_and_registry(app: web.Application) -> AsyncIterator[None]:
     )
     app[HUB] = hub
     app[REGISTRY] = ConversationRegistry(
-        hub=hub, client=UpstreamClient(session, upstream_settings), settings=settings.hub
+        hub=hub, client=UpstreamClient(session, upstream_settings), settings=settings.hub,
+        max_live_turns=settings.limits.max_live_conversations,
     )
     try:
         yield
@@ -102,18 +106,29 @@ async def _heartbeat(app: web.Application) -> AsyncIterator[None]:
         await cancel_and_wait(task)
 
 
-async def _end_streams(app: web.Application) -> None:
-    """Shutdown: stop every turn and end every subscriber's stream with `end` `shutdown`."""
+async def _shut_down_gracefully(app: web.Application) -> None:
+    """SIGTERM/SIGINT (aiohttp has stopped accepting by now): end every stream with `end`
+    "shutdown" and a retry hint, let running turns finish within
+    `server.shutdown_grace_seconds`, then cancel what is left."""
     if REGISTRY in app:
-        await app[REGISTRY].close_all("shutdown")
+        settings = app[SETTINGS]
+        await app[REGISTRY].shut_down(
+            grace_seconds=settings.server.shutdown_grace_seconds,
+            retry_hint_ms=settings.hub.retry_hint_ms,
+        )
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
     app[FRAMER] = ChunkFramer()
+    app[LIMITS] = Limits(settings.limits, identity=caller_identity)
+    app[IDEMPOTENCY] = IdempotencyStore(
+        window_seconds=settings.server.idempotency_window_seconds
+    )
+    setup_access_control(app)  # first: a bad keys file stops start-up before anything runs
     app.cleanup_ctx.append(_upstream_and_registry)
     app.cleanup_ctx.append(_heartbeat)
-    app.on_shutdown.append(_end_streams)
+    app.on_shutdown.append(_shut_down_gracefully)
     add_routes(app)
     return app

@@ -8,8 +8,11 @@ from aiohttp import web
 
 from .config import Settings
 from .conversations import ConversationRegistry
+from .credentials import AccessControl
 from .transport_sink import ChunkFramer
 from .hub import Hub
+from .idempotency import IdempotencyStore
+from .limits import Limits
 
 SETTINGS = web.AppKey("settings", Settings)
 HUB = web.AppKey("hub", Hub)
@@ -18,3 +21,9 @@ REGISTRY = web.AppKey("registry", ConversationRegistry)
 FRAMER = web.AppKey("framer", ChunkFramer)
 # What /v1/info and the page say about the upstream: mock or not, default model.
 UPSTREAM_INFO = web.AppKey("upstream_info", dict[str, Any])
+# The [limits] checks (start rate per caller, subscriber bounds) and who the caller is.
+LIMITS = web.AppKey("limits", Limits)
+# Answers remembered per Idempotency-Key.
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
+# API keys, the watch-token signer and the CORS allowlist; set at start-up (server/auth.py).
+ACCESS = web.AppKey("access", AccessControl)

@@ -35,6 +35,8 @@ class ApiError(Exception):
 
     status = 400
     code = "bad_request"
+    # Seconds before a retry may succeed, sent as `Retry-After`; None where that does not apply.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -70,3 +72,34 @@ class TooManyRequests(ApiError):
     def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+
+
+class UnprocessableEntity(ApiError):
+    status = 422
+    code = "unprocessable_entity"
+
+
+class ServiceUnavailable(ApiError):
+    """The server is at a capacity bound; unlike 429 it is not this caller's doing."""
+
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Unauthorized(ApiError):
+    """No API key, or not a configured one (the two are not told apart)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    """A watch token that is missing, invalid or for another conversation (`forbidden`) or
+    expired (`token_expired`); a CORS preflight from an origin not allowed."""
+
+    status = 403
+    code = "forbidden"

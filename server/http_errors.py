@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from .errors import ApiError, TooManyRequests
+from .errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
         request.method, request.path, error.status, error.code, error.message,
     )
     headers = None
-    if isinstance(error, TooManyRequests):
+    if error.retry_after is not None:
         headers = {"Retry-After": str(error.retry_after)}
     return json_error(error.status, error.code, error.message, headers=headers)
 

@@ -12,11 +12,13 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .app_keys import REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import LIMITS, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .auth import cors_preflight, grant_watch, require_api_key, require_watch_token
 from .chat_request import parse_chat_start, parse_follow_up
 from .errors import InvalidRequest, NotFound, PayloadTooLarge
 from .events_route import conversation_events
 from .http_errors import json_errors, no_such_route
+from .idempotency_route import idempotent
 from .path_params import conversation_id_of
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -48,28 +50,45 @@ def _events_url(conversation_id: str) -> str:
 
 
 @json_errors
+@idempotent
 async def create_conversation(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     body = await read_json(request)
     start = parse_chat_start(
-        body, default_model=settings.upstream.model, max_choices=settings.upstream.max_choices
+        body, default_model=settings.upstream.model, max_choices=settings.upstream.max_choices,
+        max_messages=settings.limits.max_messages,
     )
+    # Checked and counted with no await in between, and counted only once started.
+    limits = request.app[LIMITS]
+    caller = limits.caller(request)
+    limits.check_start(caller)
     conversation = request.app[REGISTRY].create(start)
-    return json_response(
+    limits.record_start(caller)
+    grant = grant_watch(request, conversation.id)
+    response = json_response(
         {
             "id": conversation.id,
-            "events_url": _events_url(conversation.id),
+            "events_url": grant.events_url,
             "status": conversation.status,
+            "watch_token": grant.token,
+            "watch_token_expires_at": grant.expires_at,
         },
         status=201,
     )
+    grant.set_cookie(response)
+    return response
 
 
 @json_errors
+@idempotent
 async def follow_up(request: web.Request) -> web.Response:
     conversation_id = conversation_id_of(request)
     content = parse_follow_up(await read_json(request))
+    limits = request.app[LIMITS]
+    caller = limits.caller(request)
+    limits.check_start(caller)
     conversation, turn = request.app[REGISTRY].follow_up(conversation_id, content)
+    limits.record_start(caller)
     return json_response(
         {
             "id": conversation.id,
@@ -152,12 +171,21 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/web/{name}", web_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/info", info)
-    app.router.add_post("/v1/conversations", create_conversation)
-    app.router.add_get("/v1/conversations", list_conversations)
-    app.router.add_get("/v1/conversations/{conversation_id}", get_conversation)
-    app.router.add_delete("/v1/conversations/{conversation_id}", delete_conversation)
-    app.router.add_post("/v1/conversations/{conversation_id}/messages", follow_up)
-    app.router.add_post("/v1/conversations/{conversation_id}/cancel", cancel_turn)
+    # API keys (when configured) guard what changes or lists; watching needs the id and,
+    # when required, a watch token (the events route checks it itself). See auth.py.
+    app.router.add_post("/v1/conversations", require_api_key(create_conversation))
+    app.router.add_get("/v1/conversations", require_api_key(list_conversations))
+    app.router.add_get(
+        "/v1/conversations/{conversation_id}", require_watch_token(get_conversation)
+    )
+    app.router.add_delete(
+        "/v1/conversations/{conversation_id}", require_api_key(delete_conversation)
+    )
+    app.router.add_post("/v1/conversations/{conversation_id}/messages", require_api_key(follow_up))
+    app.router.add_post("/v1/conversations/{conversation_id}/cancel", require_api_key(cancel_turn))
     app.router.add_get("/v1/conversations/{conversation_id}/events", conversation_events)
+    # CORS preflights: OPTIONS on the catch-all's own resource (registered first, so it
+    # wins for OPTIONS); anything that is not a preflight goes on to the catch-all.
+    app.router.add_route("OPTIONS", "/{tail:.*}", cors_preflight)
     # Last: whatever no route above took gets a JSON 404 (or 405 with Allow).
     app.router.add_route("*", "/{tail:.*}", no_such_route)

@@ -171,11 +171,20 @@ class Chorus:
         return result
 
 
+@pytest.fixture(autouse=True)
+def _no_credentials_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chorus reads API keys and the token secret from the environment at start-up: a
+    developer's own CHORUS_API_KEYS must not lock every test out. Tests set them."""
+    monkeypatch.delenv("CHORUS_API_KEYS", raising=False)
+    monkeypatch.delenv("CHORUS_TOKEN_SECRET", raising=False)
+
+
 @pytest.fixture
 async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
     fake = FakeUpstream()
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url("/v1"))
+    fake.server = server
     return fake
 
 

@@ -295,7 +295,9 @@ async def test_create_answers_201_with_a_long_random_id(
         assert response.status == 201
         assert response.content_type == "application/json"
         body = await response.json()
-        assert sorted(body) == ["events_url", "id", "status"]
+        assert sorted(body) == [
+            "events_url", "id", "status", "watch_token", "watch_token_expires_at"
+        ]
         assert ID_PATTERN.fullmatch(body["id"])
         assert len(body["id"]) >= 22  # >= 128 bits of URL-safe base64
         assert body["events_url"] == f"/v1/conversations/{body['id']}/events"
@@ -966,7 +968,9 @@ async def test_random_bodies_never_cause_a_500(
     assert response.content_type == "application/json"
     result = await response.json()
     if response.status == 201:
-        assert sorted(result) == ["events_url", "id", "status"]
+        assert sorted(result) == [
+            "events_url", "id", "status", "watch_token", "watch_token_expires_at"
+        ]
         state = await wait_done(chorus, result["id"])
         # The turn failed only because the fake upstream refused it.
         assert state["turns"][0]["error"]["code"] == "upstream_error", state

@@ -10,6 +10,8 @@ const WATCHING_REFRESH_MS = 5000;
 const STREAM_RETRY_FIRST_MS = 2000;
 const STREAM_RETRY_MAX_MS = 30000;
 const FENCE = "```";
+// sessionStorage key of the API key the reader entered (asked for only after a 401).
+const API_KEY_STORAGE = "chorus.apiKey";
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers: no DOM, no network.
@@ -110,8 +112,36 @@ function userPrompts(messages) {
   return messages.filter((message) => message?.role === "user").map(messageText);
 }
 
-function shareUrl(conversationId) {
-  return new URL(`/?c=${encodeURIComponent(conversationId)}`, window.location.href).href;
+/**
+ * The page URL for a conversation. When the server requires a watch token it goes in the
+ * fragment, which browsers never send to a server (nor in a Referer).
+ */
+function shareUrl(conversationId, watchToken = null) {
+  const fragment = watchToken ? `#token=${encodeURIComponent(watchToken)}` : "";
+  return new URL(`/?c=${encodeURIComponent(conversationId)}${fragment}`, window.location.href).href;
+}
+
+/** A URL for watching a conversation: with `?token=` when a watch token is needed. */
+function watchUrl(conversationId, suffix, watchToken) {
+  const url = conversationUrl(conversationId, suffix);
+  return watchToken ? `${url}?token=${encodeURIComponent(watchToken)}` : url;
+}
+
+function storedApiKey() {
+  try {
+    return window.sessionStorage.getItem(API_KEY_STORAGE) ?? "";
+  } catch {
+    return "";  // storage disabled
+  }
+}
+
+function storeApiKey(key) {
+  try {
+    if (key) window.sessionStorage.setItem(API_KEY_STORAGE, key);
+    else window.sessionStorage.removeItem(API_KEY_STORAGE);
+  } catch {
+    // Storage disabled: the key cannot be kept, and the server will ask again.
+  }
 }
 
 function conversationUrl(conversationId, suffix = "") {
@@ -133,6 +163,8 @@ class ApiError extends Error {
 /** Sends a JSON request; resolves to the parsed body (null when empty), or throws ApiError. */
 async function requestJson(method, url, body) {
   const init = { method, headers: { Accept: "application/json" } };
+  const apiKey = storedApiKey();
+  if (apiKey) init.headers.Authorization = `Bearer ${apiKey}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -403,6 +435,8 @@ function describeError(error) {
 class ChorusPage {
   /** @type {string | null} */
   conversationId = null;
+  /** The conversation's watch token when the server requires one, else null. */
+  watchToken = null;
   /** @type {EventSource | null} */
   eventSource = null;
   /** Where the current stream comes from, to reopen it after the browser gave up. */
@@ -439,6 +473,8 @@ class ChorusPage {
     this.copyResult = byId("copy-result");
     this.conversation = byId("conversation");
     this.streamEnded = byId("stream-ended");
+    this.apiKeyRow = byId("api-key-row");
+    this.apiKeyInput = byId("api-key");
   }
 
   start() {
@@ -460,7 +496,8 @@ class ChorusPage {
 
     this.loadServerInfo();
     const sharedId = new URLSearchParams(window.location.search).get("c");
-    if (sharedId) this.openSharedConversation(sharedId);
+    const sharedToken = new URLSearchParams(window.location.hash.slice(1)).get("token");
+    if (sharedId) this.openSharedConversation(sharedId, sharedToken);
     this.updateControls();
   }
 
@@ -486,6 +523,7 @@ class ChorusPage {
       return;
     }
     this.showFormError("");
+    if (!this.apiKeyRow.hidden) storeApiKey(this.apiKeyInput.value.trim());
     this.requestPending = true;
     this.updateControls();
     try {
@@ -496,6 +534,8 @@ class ChorusPage {
       if (error.status === 404 && this.conversationId !== null) {
         this.endStream("not found");
         this.showFormError("This conversation no longer exists. Ask again to start a new one.");
+      } else if (error.status === 401) {
+        this.askForApiKey();
       } else {
         this.showFormError(error.message);
       }
@@ -509,8 +549,11 @@ class ChorusPage {
     const created = await requestJson("POST", "/v1/conversations", {
       messages: [{ role: "user", content: text }],
     });
-    this.resetConversation(created.id);
-    window.history.replaceState(null, "", `/?c=${encodeURIComponent(created.id)}`);
+    // The events URL carries ?token= exactly when the server requires watch tokens.
+    const eventsUrl = new URL(created.events_url, window.location.href);
+    const watchToken = eventsUrl.searchParams.get("token");
+    this.resetConversation(created.id, watchToken);
+    window.history.replaceState(null, "", shareUrl(created.id, watchToken));
     this.prompts = [text];
     this.openStream(created.events_url ?? conversationUrl(created.id, "/events"));
     // Shows the prompt at once, before the stream's first event.
@@ -536,10 +579,19 @@ class ChorusPage {
       await requestJson("POST", conversationUrl(this.conversationId, "/cancel"));
       // The turn ends through its `error` event (code "cancelled"), like for every viewer.
     } catch (error) {
-      this.showFormError(error.message);
+      if (error.status === 401) this.askForApiKey();
+      else this.showFormError(error.message);
     } finally {
       this.stopButton.disabled = false;
     }
+  }
+
+  /** The server wants an API key: show the field; the key is kept for this tab only. */
+  askForApiKey() {
+    const refused = storedApiKey() !== "";
+    this.apiKeyRow.hidden = false;
+    this.apiKeyInput.focus();
+    this.showFormError(refused ? "The API key was refused." : "This server needs an API key: enter it and try again.");
   }
 
   async copyShareLink() {
@@ -559,12 +611,12 @@ class ChorusPage {
 
   // --- opening a conversation ---
 
-  async openSharedConversation(conversationId) {
-    this.resetConversation(conversationId);
+  async openSharedConversation(conversationId, watchToken) {
+    this.resetConversation(conversationId, watchToken);
     this.setStatus("connecting", "connecting…");
     let state;
     try {
-      state = await requestJson("GET", conversationUrl(conversationId));
+      state = await requestJson("GET", watchUrl(conversationId, "", this.watchToken));
     } catch (error) {
       if (error.status === 404) {
         this.endStream("not found");
@@ -578,19 +630,21 @@ class ChorusPage {
     if (conversationId !== this.conversationId) return;  // the reader started another meanwhile
     this.applyConversationState(state);
     // From the start: the server replays every event, so the page builds the same state.
-    this.openStream(conversationUrl(conversationId, "/events"));
+    // Without a token in the link, the cookie set for this browser at creation (if any) does.
+    this.openStream(watchUrl(conversationId, "/events", this.watchToken));
   }
 
-  resetConversation(conversationId) {
+  resetConversation(conversationId, watchToken = null) {
     this.closeStream();
     this.conversationId = conversationId;
+    this.watchToken = watchToken;
     this.ended = false;
     this.prompts = [];
     this.clearTurns();
     this.streamEnded.hidden = true;
     this.watching.textContent = "0";
-    this.shareLink.href = shareUrl(conversationId);
-    this.shareLink.textContent = shareUrl(conversationId);
+    this.shareLink.href = shareUrl(conversationId, watchToken);
+    this.shareLink.textContent = shareUrl(conversationId, watchToken);
     this.copyResult.textContent = "";
     this.share.hidden = false;
   }
@@ -655,7 +709,7 @@ class ChorusPage {
     this.streamRetryTimer = null;
     const conversationId = this.conversationId;
     try {
-      await requestJson("GET", conversationUrl(conversationId));
+      await requestJson("GET", watchUrl(conversationId, "", this.watchToken));
     } catch (error) {
       if (conversationId !== this.conversationId || this.ended) return;
       if (error.status === 404) {
@@ -810,7 +864,7 @@ class ChorusPage {
     this.refreshPending = true;
     let state;
     try {
-      state = await requestJson("GET", conversationUrl(conversationId));
+      state = await requestJson("GET", watchUrl(conversationId, "", this.watchToken));
     } catch {
       // The stream reports a gone conversation; a missed count is not worth a message.
       return;
