@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, PayloadTooLarge
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Set by the server on every upstream request; a client's values are ignored.
@@ -49,13 +49,24 @@ def _check_message(position: int, message: object) -> dict[str, Any]:
     return message
 
 
-def parse_chat_start(body: object, *, default_model: str, max_choices: int) -> ChatStart:
-    """Validate a `POST /v1/conversations` body (an OpenAI chat request)."""
+def parse_chat_start(
+    body: object, *, default_model: str, max_choices: int, max_messages: int = 0
+) -> ChatStart:
+    """Validate a `POST /v1/conversations` body (an OpenAI chat request).
+
+    More than `max_messages` messages (0 = no bound) is `PayloadTooLarge`
+    (`too_many_messages`), checked before any message is looked at.
+    """
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", code="invalid_body")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", code="invalid_messages")
+    if max_messages and len(messages) > max_messages:
+        raise PayloadTooLarge(
+            f"messages has {len(messages)} entries; at most {max_messages} are accepted",
+            code="too_many_messages",
+        )
     checked = [_check_message(i, message) for i, message in enumerate(messages)]
     model = body.get("model", default_model)
     if model is None:

@@ -2,7 +2,8 @@
 
 Owns each conversation's upstream task (at most one at a time, named
 `upstream:<id>:<turn>`), the messages sent upstream for each turn, retention of finished
-conversations and the `max_conversations` bound. Publishing goes through the hub's log;
+conversations, the `max_conversations` bound and the bound on turns streaming at once
+(`limits.max_live_conversations`). Publishing goes through the hub's log;
 nothing here knows HTTP.
 """
 
@@ -25,6 +26,10 @@ from .upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
+# What a create or follow-up refused by the live-turn bound is told to wait: answers take
+# seconds, so a slot is likely free by then.
+LIVE_TURN_RETRY_AFTER_SECONDS = 5
+
 
 def new_conversation_id() -> str:
     """A random, unguessable id: 144 bits from the OS CSPRNG, URL-safe."""
@@ -46,10 +51,19 @@ class Conversation:
         self._expiry: asyncio.TimerHandle | None = None
         # Set when deletion or shutdown begins, so no new turn starts while it waits.
         self.closing = False
+        # hub.on_no_subscribers = "cancel": cancel a streaming turn nobody has watched for
+        # this long (None: keep generating, so a reload or late joiner gets the answer).
+        self._unwatched_grace: float | None = None
+        self._unwatched: asyncio.TimerHandle | None = None
 
     @property
     def turn_count(self) -> int:
         return len(self._follow_ups) + 1
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The current (or last) turn's upstream task."""
+        return self._task
 
     @property
     def streaming(self) -> bool:
@@ -97,7 +111,45 @@ class Conversation:
             ),
             name=f"upstream:{self.id}:{turn}",
         )
+        self._task.add_done_callback(lambda _task: self._stop_unwatched_timer())
+        if self.log.subscriber_count == 0:
+            self._start_unwatched_timer()
         return turn
+
+    def cancel_when_unwatched(self, grace_seconds: float) -> None:
+        """Policy "cancel": a streaming turn with no subscriber for `grace_seconds` is
+        cancelled (error `cancelled`). Watches the log's subscriber count from now on."""
+        self._unwatched_grace = grace_seconds
+        self.log.on_subscribers_changed(self._subscribers_changed)
+
+    def _subscribers_changed(self, count: int) -> None:
+        if count > 0:
+            self._stop_unwatched_timer()
+        elif self.streaming:
+            self._start_unwatched_timer()
+
+    def _start_unwatched_timer(self) -> None:
+        if self._unwatched_grace is None or self._unwatched is not None:
+            return
+        self._unwatched = asyncio.get_running_loop().call_later(
+            self._unwatched_grace, self._cancel_unwatched
+        )
+
+    def _stop_unwatched_timer(self) -> None:
+        if self._unwatched is not None:
+            self._unwatched.cancel()
+            self._unwatched = None
+
+    def _cancel_unwatched(self) -> None:
+        self._unwatched = None
+        task = self._task
+        if task is not None and not task.done() and self.log.subscriber_count == 0:
+            logger.info(
+                "conversation %s: nobody watched for %g s; cancelling the turn "
+                "(hub.on_no_subscribers = cancel)", self.id, self._unwatched_grace,
+            )
+            # The conversation's done callbacks observe the end; nothing here awaits it.
+            task.cancel(f"nobody was watching for {self._unwatched_grace:g} s")
 
     def add_done_callback(self, callback: Any) -> None:
         assert self._task is not None
@@ -140,14 +192,24 @@ class Conversation:
 class ConversationRegistry:
     """All conversations held by this process, bounded by `max_conversations`."""
 
-    def __init__(self, *, hub: Hub, client: UpstreamClient, settings: HubSettings) -> None:
+    def __init__(
+        self, *, hub: Hub, client: UpstreamClient, settings: HubSettings, max_live_turns: int = 0
+    ) -> None:
         self._hub = hub
         self._client = client
         self._settings = settings
         self._conversations: dict[str, Conversation] = {}
+        # Turns streaming now, counted as their tasks start and end; 0 = no bound.
+        self._max_live_turns = max_live_turns
+        self._live_turns = 0
 
     def __len__(self) -> int:
         return len(self._conversations)
+
+    @property
+    def live_turns(self) -> int:
+        """Turns whose upstream task is running, across all conversations."""
+        return self._live_turns
 
     def all(self) -> list[Conversation]:
         return list(self._conversations.values())
@@ -160,10 +222,13 @@ class ConversationRegistry:
 
     def create(self, start: ChatStart) -> Conversation:
         """Register a conversation and start its first turn (one upstream request)."""
+        self._admit_live_turn()
         if len(self._conversations) >= self._settings.max_conversations:
             self._evict_oldest_finished()
         conversation_id = new_conversation_id()
         conversation = Conversation(conversation_id, start, self._hub.open(conversation_id))
+        if self._settings.on_no_subscribers == "cancel":
+            conversation.cancel_when_unwatched(self._settings.idle_grace_seconds)
         self._conversations[conversation_id] = conversation
         self._start_turn(conversation, follow_up=None)
         logger.info(
@@ -174,6 +239,8 @@ class ConversationRegistry:
 
     def follow_up(self, conversation_id: str, content: str) -> tuple[Conversation, int]:
         conversation = self.get(conversation_id)
+        if not conversation.streaming:  # else start_turn answers 409 turn_in_progress
+            self._admit_live_turn()
         turn = self._start_turn(conversation, follow_up=content)
         logger.info("conversation %s: follow-up turn %d started", conversation_id, turn)
         return conversation, turn
@@ -190,6 +257,22 @@ class ConversationRegistry:
         await self._remove(conversation, "deleted")
         logger.info("conversation %s deleted", conversation_id)
 
+    async def shut_down(self, *, grace_seconds: float, retry_hint_ms: int) -> None:
+        """Graceful shutdown: end every subscriber's stream now (`end` "shutdown" with a
+        `retry:` hint, so clients come back once a server is up), give running turns up to
+        `grace_seconds` to finish, cancel the rest (`error` "cancelled"), free everything."""
+        for conversation in self._conversations.values():
+            conversation.closing = True
+            conversation.log.end_subscribers("shutdown", retry_ms=retry_hint_ms)
+        running = [c.task for c in self._conversations.values() if c.task is not None]
+        running = [task for task in running if not task.done()]
+        if running:
+            logger.info(
+                "shutdown: waiting up to %g s for %d streaming turns", grace_seconds, len(running)
+            )
+            await asyncio.wait(running, timeout=grace_seconds)
+        await self.close_all("shutdown")
+
     async def close_all(self, reason: str) -> None:
         """Stop every turn and end every stream with `end` `reason` (server shutdown)."""
         for conversation in list(self._conversations.values()):
@@ -197,8 +280,22 @@ class ConversationRegistry:
 
     def _start_turn(self, conversation: Conversation, *, follow_up: str | None) -> int:
         turn = conversation.start_turn(self._client, follow_up=follow_up)
+        self._live_turns += 1
+        conversation.add_done_callback(self._live_turn_ended)
         conversation.add_done_callback(lambda _task: self._turn_finished(conversation))
         return turn
+
+    def _admit_live_turn(self) -> None:
+        if self._max_live_turns and self._live_turns >= self._max_live_turns:
+            raise TooManyRequests(
+                f"{self._live_turns} answers are streaming, the most this server runs at "
+                "once; try again in a few seconds",
+                code="too_many_live_conversations",
+                retry_after=LIVE_TURN_RETRY_AFTER_SECONDS,
+            )
+
+    def _live_turn_ended(self, _task: object) -> None:
+        self._live_turns -= 1
 
     def _turn_finished(self, conversation: Conversation) -> None:
         if self._conversations.get(conversation.id) is not conversation:
@@ -232,7 +329,9 @@ class ConversationRegistry:
 
     async def _remove(self, conversation: Conversation, reason: str) -> None:
         conversation.closing = True
-        await conversation.stop_turn(f"conversation {reason}")
+        stopped = await conversation.stop_turn(f"conversation {reason}")
+        if stopped and reason == "shutdown":
+            logger.info("shutdown: cancelled the turn of conversation %s", conversation.id)
         self._forget(conversation, reason)
 
     def _forget(self, conversation: Conversation, reason: str) -> None:

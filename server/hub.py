@@ -158,6 +158,16 @@ class Hub(Protocol):
 HEARTBEAT_FRAME = encode_comment("ping")
 
 
+class SubscriberTally:
+    """The number of cursors attached across a hub's logs, kept by the logs as cursors
+    attach and detach, so the hub's total (checked per new subscriber) is O(1)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class MemoryCursor:
     """A cursor into a `MemoryEventLog`: a position, a sink once pushed, a future while
     its owner waits."""
@@ -281,10 +291,12 @@ class MemoryEventLog:
     __slots__ = (
         "_frames", "_head", "_first_seq", "_last_seq", "_bytes", "_max_events",
         "_max_bytes", "_cursors", "_transcript", "_closed_reason", "_snapshot_cache",
-        "_end_frame", "_flush_handle", "_on_subscribers_changed",
+        "_end_frame", "_flush_handle", "_on_subscribers_changed", "_tally",
     )
 
-    def __init__(self, *, max_events: int, max_bytes: int) -> None:
+    def __init__(
+        self, *, max_events: int, max_bytes: int, tally: SubscriberTally | None = None
+    ) -> None:
         if max_events < 1 or max_bytes < 1:
             raise ValueError("a log must be able to hold at least one event")
         self._frames: list[bytes] = []
@@ -301,6 +313,7 @@ class MemoryEventLog:
         self._end_frame: bytes | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._on_subscribers_changed: Callable[[int], None] | None = None
+        self._tally = tally if tally is not None else SubscriberTally()
 
     @property
     def last_seq(self) -> int:
@@ -424,12 +437,15 @@ class MemoryEventLog:
             raise ValueError(f"position {after} is outside 0..{self._last_seq}")
         cursor = MemoryCursor(self, after)
         self._cursors.add(cursor)
+        self._tally.count += 1
         if self._on_subscribers_changed is not None:
             self._on_subscribers_changed(len(self._cursors))
         return cursor
 
     def forget(self, cursor: MemoryCursor) -> None:
-        self._cursors.discard(cursor)
+        if cursor in self._cursors:
+            self._cursors.remove(cursor)
+            self._tally.count -= 1
         if self._on_subscribers_changed is not None:
             self._on_subscribers_changed(len(self._cursors))
 
@@ -466,11 +482,15 @@ class MemoryHub:
         self._buffer_events = buffer_events
         self._buffer_bytes = buffer_bytes
         self._logs: dict[str, MemoryEventLog] = {}
+        # Includes the subscribers of discarded logs until their handlers detach them.
+        self._tally = SubscriberTally()
 
     def open(self, conversation_id: str) -> MemoryEventLog:
         if conversation_id in self._logs:
             raise KeyError(f"conversation {conversation_id} already has a log")
-        log = MemoryEventLog(max_events=self._buffer_events, max_bytes=self._buffer_bytes)
+        log = MemoryEventLog(
+            max_events=self._buffer_events, max_bytes=self._buffer_bytes, tally=self._tally
+        )
         self._logs[conversation_id] = log
         return log
 
@@ -484,7 +504,7 @@ class MemoryHub:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(log.subscriber_count for log in self._logs.values())
+        return self._tally.count
 
     def heartbeat(self) -> None:
         for log in self._logs.values():
