@@ -146,11 +146,19 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.scripts: deque[Script] = deque()
+        # Scripts chosen by the last message's content, for tests whose requests race.
+        self.scripts_by_prompt: dict[str, Script] = {}
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.active = 0
         self.finished = asyncio.Event()
         self.url = ""
+        self.server: Any = None  # the aiohttp TestServer, set by the fixture
+
+    @property
+    def open_connections(self) -> int:
+        """Connections Chorus holds open to this upstream (its keep-alive pool included)."""
+        return len(self.server.runner.server.connections) if self.server else 0
 
     def enqueue(self, *scripts: Script) -> None:
         self.scripts.extend(scripts)
@@ -165,11 +173,16 @@ class FakeUpstream:
         return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(orjson.loads(await request.read()))
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
         self.headers.append(dict(request.headers))
-        if not self.scripts:
+        prompt = body.get("messages", [{}])[-1].get("content")
+        if isinstance(prompt, str) and prompt in self.scripts_by_prompt:
+            script = self.scripts_by_prompt.pop(prompt)
+        elif self.scripts:
+            script = self.scripts.popleft()
+        else:
             return web.Response(status=500, text="fake upstream: no script queued")
-        script = self.scripts.popleft()
         self.active += 1
         try:
             return await self._play(request, script)
