@@ -9,7 +9,6 @@ harness can sample the server while every subscriber is still attached.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,18 +107,7 @@ class ClientRun:
 
     async def wait_phase(self, phase: str, *, timeout: float) -> dict[str, Any]:
         """Read stdout lines until the one for `phase`; raise on EOF or timeout."""
-        stdout = self.managed.proc.stdout
-        assert stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await stdout.readline()
-                if not line:
-                    raise RuntimeError(
-                        f"client exited before {phase!r}: {await self._stderr_text()}"
-                    )
-                message: dict[str, Any] = json.loads(line)
-                if message.get("phase") == phase:
-                    return message
+        return await self.managed.read_phase(phase, timeout=timeout)
 
     async def go(self) -> None:
         """Let a paused client close its connections and exit."""
@@ -139,20 +127,11 @@ class ClientRun:
             await asyncio.wait_for(self.managed.proc.wait(), timeout)
         except TimeoutError:
             await self.managed.stop()
-        if self.managed.proc.returncode not in (0, None):
+        returncode = self.managed.proc.returncode
+        if returncode not in (0, None):
             raise RuntimeError(
-                f"client exited with {self.managed.proc.returncode}: {await self._stderr_text()}"
+                f"client exited with {returncode}: {await self.managed.stderr_text()}"
             )
-
-    async def _stderr_text(self) -> str:
-        stderr = self.managed.proc.stderr
-        if stderr is None:
-            return ""
-        try:
-            data = await asyncio.wait_for(stderr.read(4096), 1.0)
-        except TimeoutError:
-            return ""
-        return data.decode(errors="replace").strip()
 
 
 async def run_client(

@@ -9,6 +9,7 @@ process's CPU time and memory from /proc.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 
@@ -152,6 +153,37 @@ class Managed:
             return ""
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+    async def read_phase(self, phase: str, *, timeout: float) -> dict[str, Any]:
+        """Read JSON lines from stdout until `{"phase": phase, ...}`; raise on EOF or timeout.
+
+        For processes spawned with `pipes=True` that report in JSON lines (the C client, the
+        send-floor sender).
+        """
+        stdout = self.proc.stdout
+        if stdout is None:
+            raise RuntimeError(f"{self.name} was not spawned with pipes=True")
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await stdout.readline()
+                if not line:
+                    raise RuntimeError(
+                        f"{self.name} exited before {phase!r}: {await self.stderr_text()}"
+                    )
+                message: dict[str, Any] = json.loads(line)
+                if message.get("phase") == phase:
+                    return message
+
+    async def stderr_text(self) -> str:
+        """The start of what a piped process wrote to stderr (waits at most 1 s)."""
+        stderr = self.proc.stderr
+        if stderr is None:
+            return ""
+        try:
+            data = await asyncio.wait_for(stderr.read(4096), 1.0)
+        except TimeoutError:
+            return ""
+        return data.decode(errors="replace").strip()
 
     async def stop(self) -> None:
         """SIGTERM, wait up to STOP_GRACE_SECONDS, then SIGKILL. Idempotent."""

@@ -1,11 +1,13 @@
 """`python -m bench`: run the scenarios against Chorus and the naive baseline, print a table.
 
-    python -m bench [--quick] [--only a,b] [--servers chorus,naive]
+    python -m bench [--quick] [--only a,b] [--servers chorus,naive,aiohttp-floor]
 
-Builds the C client, pins this harness to the load CPU, runs every selected scenario
-against each server (a fresh mock + server per run), prints one table and writes
-everything measured to bench/results/<timestamp>.json. Every process started is stopped
-by its PID at the end of its run, and on errors and Ctrl-C.
+Builds the C client, pins this harness to the load CPU, measures the machine floor (CPU
+per loopback send(), bench/send_floor.py), runs every selected scenario against each
+server (a fresh mock + server per run; the aiohttp floor server in (d) only), prints the
+floor and one table and writes everything measured to bench/results/<timestamp>.json.
+Every process started is stopped by its PID at the end of its run, and on errors and
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import aiohttp
 from .client import build_client
 from .procs import Processes, pinning_available
 from .scenarios import (
-    FULL, LOAD_CPU, QUICK, REPO, SCENARIOS, SERVERS, Bench, Plan, Row, run_scenario, title_of,
-)
+    FULL, LOAD_CPU, QUICK, REPO, SCENARIOS, SEND_FLOOR, SERVERS, Bench, Plan, Row, SendFloor,
+    run_scenario, run_send_floor, runs_in, title_of,
+)  # fmt: skip
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -52,13 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"scenarios to run, e.g. a,b (default: all of {','.join(SCENARIOS)})",
     )
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help="servers to run (default: %(default)s)"
+        "--servers",
+        default=",".join(SERVERS),
+        help="servers to run (default: %(default)s; aiohttp-floor runs in (d) only)",
     )
     parser.add_argument(
         "--loop",
         choices=["auto", "asyncio"],
         default="auto",
-        help="auto: each server picks (uvloop when installed); asyncio: hide uvloop from both",
+        help="auto: each server picks (uvloop when installed); asyncio: hide uvloop from all",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default: bench/results/<ts>.json)"
@@ -141,6 +146,33 @@ def render_table(rows: list[Row]) -> str:
         previous = row.scenario
         out.append(join(line))
     return "\n".join(out)
+
+
+def render_floor(floor: SendFloor) -> str:
+    """The "machine floor" block: CPU per loopback send() and the floor it sets for (a), (b)."""
+    spec = floor.spec
+    lines = [
+        f"machine floor: one {spec.size}-byte send() to each of {spec.conns:,} loopback TCP "
+        f"sockets, {spec.rounds} rounds {spec.pause_ms:g} ms apart (sender on the server's "
+        "CPU, the C client reading)"
+    ]
+    if floor.error is not None or floor.us_per_send is None:
+        lines.append(f"  ERROR: {floor.error}")
+        return "\n".join(lines)
+    tries = floor.tries_us_per_send
+    lines.append(
+        f"  CPU per send: {floor.us_per_send:.2f} µs "
+        f"(user {floor.user_us_per_send:.2f} + sys {floor.sys_us_per_send:.2f}); "
+        f"median of {len(tries)} tries, range {min(tries):.2f} to {max(tries):.2f} µs"
+    )
+    for key, scenario in floor.scenarios.items():
+        lines.append(
+            f"  floor CPU % for ({key}): {scenario.sends_per_s:,.0f} sends/s"
+            f" x {floor.us_per_send:.2f} µs = {scenario.cpu_pct:.0f}% of one core"
+        )
+    if floor.problems:
+        lines.append(f"  problems: {', '.join(floor.problems)}")
+    return "\n".join(lines)
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -246,25 +278,50 @@ async def run(args: argparse.Namespace) -> int:
                     session=session,
                     loop=args.loop,
                 )
+                floor = await measure_floor(bench, plan)
                 for key in args.keys:
                     for kind in args.server_list:
-                        rows.append(await run_one(bench, key, kind, plan))
+                        if runs_in(kind, key):
+                            rows.append(await run_one(bench, key, kind, plan))
         finally:
             await processes.stop_all()
             processes.kill_all()
             loop.remove_signal_handler(signal.SIGTERM)
 
+    floor_block = render_floor(floor)
     table = render_table(rows)
+    print()
+    print(floor_block)
     print()
     print(table)
     out = args.out or RESULTS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"meta": meta, "table": table, "rows": [asdict(row) for row in rows]}, indent=2)
-        + "\n"
-    )
+    results = {
+        "meta": meta,
+        "machine_floor": asdict(floor),
+        "table": f"{floor_block}\n\n{table}",
+        "rows": [asdict(row) for row in rows],
+    }
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    return 1 if any(row.error for row in rows) else 0
+    return 1 if floor.error or any(row.error for row in rows) else 0
+
+
+async def measure_floor(bench: Bench, plan: Plan) -> SendFloor:
+    """The machine floor, before the scenarios; a failure is reported, not raised."""
+    started = time.monotonic()
+    print("  machine floor (send) ...", end=" ", flush=True)
+    try:
+        floor = await run_send_floor(bench, plan)
+    except Exception as exc:  # the scenarios still run
+        floor = SendFloor(SEND_FLOOR, error=_one_line(exc))
+        floor.raw = {"traceback": traceback.format_exc()}
+    finally:
+        await bench.processes.stop_all()
+    floor.raw["elapsed_s"] = time.monotonic() - started
+    outcome = f"ERROR {floor.error}" if floor.error else f"{floor.us_per_send:.2f} µs/send"
+    print(f"{floor.raw['elapsed_s']:.1f} s, {outcome}", flush=True)
+    return floor
 
 
 async def run_one(bench: Bench, key: str, kind: str, plan: Plan) -> Row:

@@ -40,7 +40,13 @@ SERVER_CPU = 0
 LOAD_CPU = 1  # the mock and the client
 PACE_SLACK_SECONDS = 1.0  # "kept pace": the last event arrived within this of the source's end
 MESSAGES: list[dict[str, object]] = [{"role": "user", "content": "Benchmark the fan-out, please."}]
-SERVERS = ("chorus", "naive")
+SERVERS = ("chorus", "naive", "aiohttp-floor")
+FLOOR_SERVER = "aiohttp-floor"  # bench/floor_server.py: holds subscribers, nothing else
+
+
+def runs_in(kind: str, key: str) -> bool:
+    """Whether server `kind` takes part in scenario `key`: the floor server only in (d)."""
+    return kind != FLOOR_SERVER or key == "d"
 
 
 @dataclass
@@ -124,7 +130,7 @@ class Bench:
     session: aiohttp.ClientSession
     python: str = sys.executable
     # "auto": each server picks its own loop (uvloop when installed, as `python -m server`
-    # does); "asyncio": uvloop is hidden from both, so both run the stdlib loop.
+    # does); "asyncio": uvloop is hidden from every server, so all run the stdlib loop.
     loop: str = "auto"
 
     def python_argv(self, *, module: str | None = None, script: Path | None = None) -> list[str]:
@@ -193,9 +199,17 @@ async def stack(
                 # A held answer (the idle scenario) must not time out upstream.
                 "CHORUS_UPSTREAM_FIRST_CHUNK_TIMEOUT": "600",
                 "CHORUS_UPSTREAM_IDLE_TIMEOUT": "600",
+                # One caller creates up to 200 conversations per run ((c)): lift the
+                # per-caller start limit (60 a minute by default; 0 = unlimited).
+                "CHORUS_LIMITS_STARTS_PER_MINUTE_PER_KEY": "0",
             }
             argv = [*bench.python_argv(module="server"), "--port", str(server_port),
                     "--upstream-base-url", upstream]  # fmt: skip
+        elif kind == FLOOR_SERVER:
+            # No upstream: the mock above idles, so every stack has the same shape.
+            env = _clean_env()
+            argv = [*bench.python_argv(script=REPO / "bench" / "floor_server.py"),
+                    "--port", str(server_port)]  # fmt: skip
         else:
             env = _clean_env()
             argv = [*bench.python_argv(script=REPO / "bench" / "naive_server.py"),
@@ -386,7 +400,8 @@ async def run_idle(bench: Bench, kind: str, key: str, title: str, subscribers: i
     row = Row(key, kind, title, asked=f"{subscribers:,} held")
     async with stack(bench, kind, rate=1.0, chunks=10, hold=True) as st:
         paths = await create_conversations(bench, st, 1, chunks=10)
-        await wait_held(bench, st, 1)
+        if kind != FLOOR_SERVER:  # the floor server makes no upstream request
+            await wait_held(bench, st, 1)
         before = memory(st.server.pid)
         window = CpuWindow({"server": st.server.pid})
         options = ClientOptions(
@@ -526,6 +541,115 @@ async def run_burst(
         "client": summary,
     }
     return row
+
+
+# --- the machine floor: CPU per loopback send() ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FloorSpec:
+    """The send-floor measurement: (b)'s fan-out shape, one small chunk per socket per round."""
+
+    conns: int = 1000
+    rounds: int = 100
+    pause_ms: float = 10.0
+    size: int = 150  # bytes per send: about one `answer` frame as an HTTP chunk
+    # The cost is the median try's: on a shared VM one try can be 20 % off another.
+    tries: int = 3
+
+
+SEND_FLOOR = FloorSpec()
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioFloor:
+    """A scenario's sends per second (one per delivery) and the CPU % they take at the floor."""
+
+    sends_per_s: float
+    cpu_pct: float  # of one core
+
+
+@dataclass
+class SendFloor:
+    """What one small send() costs here, and the CPU % that makes for (a) and (b)."""
+
+    spec: FloorSpec
+    us_per_send: float | None = None  # user + sys, of the median try
+    user_us_per_send: float | None = None
+    sys_us_per_send: float | None = None
+    tries_us_per_send: list[float] = field(default_factory=list)  # every try, in order
+    scenarios: dict[str, ScenarioFloor] = field(default_factory=dict)  # "a", "b"
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_send_floor(bench: Bench, plan: Plan, spec: FloorSpec = SEND_FLOOR) -> SendFloor:
+    """Run bench/send_floor.py on the server's CPU against the C client on the load CPU,
+    `spec.tries` times; the cost per send is the median try's."""
+    floor = SendFloor(spec)
+    tries: list[dict[str, Any]] = []
+    expected = spec.conns * (spec.rounds + 1)  # the warm-up round is delivered too
+    for number in range(1, spec.tries + 1):
+        sender, client = await _send_floor_try(bench, spec)
+        sends = sender["sends"]
+        tries.append(
+            {
+                "user_us_per_send": sender["user_s"] * 1e6 / sends,
+                "sys_us_per_send": sender["sys_s"] * 1e6 / sends,
+                "sender": sender,
+                "client": client,
+            }
+        )
+        problems = _check_ids(client)
+        if client["answers"]["total"] != expected:
+            problems.append(f"the client got {client['answers']['total']}/{expected} sends")
+        if sender["short_sends"]:
+            problems.append(f"{sender['short_sends']} sends found a full buffer")
+        floor.problems += [f"try {number}: {problem}" for problem in problems]
+    floor.tries_us_per_send = [t["user_us_per_send"] + t["sys_us_per_send"] for t in tries]
+    median = sorted(tries, key=lambda t: t["user_us_per_send"] + t["sys_us_per_send"])[
+        len(tries) // 2
+    ]
+    floor.user_us_per_send = median["user_us_per_send"]
+    floor.sys_us_per_send = median["sys_us_per_send"]
+    floor.us_per_send = median["user_us_per_send"] + median["sys_us_per_send"]
+    for key, stream in (("a", plan.heavy), ("b", plan.typical)):
+        per_second = stream.conversations * stream.subscribers * stream.rate
+        floor.scenarios[key] = ScenarioFloor(per_second, per_second * floor.us_per_send / 1e4)
+    floor.raw = {"tries": tries}
+    return floor
+
+
+async def _send_floor_try(bench: Bench, spec: FloorSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One fresh sender and client: the sender's result and the client's summary."""
+    argv = [
+        bench.python, "-m", "bench.send_floor", "--conns", str(spec.conns),
+        "--rounds", str(spec.rounds), "--pause-ms", f"{spec.pause_ms:g}", "--size", str(spec.size),
+    ]  # fmt: skip
+    sender = await bench.processes.spawn(
+        "send-floor", argv, cpu=SERVER_CPU, cwd=REPO, env=_clean_env(), pipes=True
+    )
+    client: ClientRun | None = None
+    try:
+        listening = await sender.read_phase("listening", timeout=30)
+        options = ClientOptions(
+            port=int(listening["port"]), paths=["/floor"], conns=spec.conns, run_timeout=60
+        )
+        client = await ClientRun.start(
+            bench.processes, bench.client_binary, options, work_dir=bench.work_dir,
+            cpu=LOAD_CPU, name="client-floor",
+        )  # fmt: skip
+        result = await sender.read_phase(
+            "finished", timeout=options.ready_timeout + options.run_timeout
+        )
+        summary = await client.wait_phase("finished", timeout=options.run_timeout + 15)
+        await client.finish()
+    finally:
+        if client is not None:
+            await client.managed.stop()
+        await sender.stop()
+    return result, summary
 
 
 # --- the list ---------------------------------------------------------------------------------
