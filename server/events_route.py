@@ -38,9 +38,8 @@ used here (frames are encoded once by the hub).
 
 from __future__ import annotations
 
-import logging
-
 import asyncio
+import logging
 
 from aiohttp import web
 

@@ -951,6 +951,24 @@ class TestTimeouts:
 # --- protocol violations --------------------------------------------------------------------
 
 
+class TestSlowUpstream:
+    """A slow upstream that stays within its timeouts is not a failure."""
+
+    async def test_a_slow_but_steady_upstream_completes(
+        self, start_chorus: StartChorus, fake_upstream: FakeUpstream
+    ) -> None:
+        pieces = [f"slow {i} " for i in range(12)]
+        # 80 ms between chunks against a 0.3 s idle timeout: slow, never silent for long.
+        fake_upstream.enqueue(answer_script(pieces, pace=0.08))
+        chorus = await start_chorus(upstream={"idle_timeout": 0.3, "first_chunk_timeout": 0.3})
+        turn = await play(chorus)
+
+        assert turn.kinds == ["turn", *["answer"] * len(pieces), "done"]
+        assert answer_text(turn.events) == "".join(pieces)
+        assert turn.reported["status"] == "done"
+        assert fake_upstream.calls == 1
+
+
 class TestTotalDeadline:
     """`upstream.total_timeout` bounds a whole turn even when chunks keep coming."""
 
