@@ -19,6 +19,7 @@ from .chat_request import ChatStart
 from .config import HubSettings
 from .errors import Conflict, NotFound, TooManyRequests
 from .hub import EventLog, Hub
+from .observers import Observers
 from .tasks import cancel_and_wait
 from .transcript import STREAMING
 from .turn_runner import run_turn
@@ -88,7 +89,13 @@ class Conversation:
             messages.append({"role": "user", "content": self._follow_ups[previous]})
         return {**self._start.params, "model": self.model, "messages": messages}
 
-    def start_turn(self, client: UpstreamClient, *, follow_up: str | None = None) -> int:
+    def start_turn(
+        self,
+        client: UpstreamClient,
+        *,
+        follow_up: str | None = None,
+        observers: Observers | None = None,
+    ) -> int:
         """Start the next turn's upstream task. Raises Conflict while one is streaming."""
         if self.streaming:
             raise Conflict("a turn is still streaming; wait for done or cancel it",
@@ -108,6 +115,8 @@ class Conversation:
                 turn=turn,
                 request=self.upstream_request(turn),
                 label=label,
+                conversation_id=self.id,
+                observers=observers,
             ),
             name=f"upstream:{self.id}:{turn}",
         )
@@ -202,6 +211,8 @@ class ConversationRegistry:
         # Turns streaming now, counted as their tasks start and end; 0 = no bound.
         self._max_live_turns = max_live_turns
         self._live_turns = 0
+        # Metrics, the firehose: told of every lifecycle step (see observers.py).
+        self.observers = Observers()
 
     def __len__(self) -> int:
         return len(self._conversations)
@@ -230,6 +241,7 @@ class ConversationRegistry:
         if self._settings.on_no_subscribers == "cancel":
             conversation.cancel_when_unwatched(self._settings.idle_grace_seconds)
         self._conversations[conversation_id] = conversation
+        self.observers.conversation_created(conversation_id, start.model)
         self._start_turn(conversation, follow_up=None)
         logger.info(
             "conversation %s created (model %s, %d messages)",
@@ -279,7 +291,9 @@ class ConversationRegistry:
             await self._remove(conversation, reason)
 
     def _start_turn(self, conversation: Conversation, *, follow_up: str | None) -> int:
-        turn = conversation.start_turn(self._client, follow_up=follow_up)
+        turn = conversation.start_turn(
+            self._client, follow_up=follow_up, observers=self.observers
+        )
         self._live_turns += 1
         conversation.add_done_callback(self._live_turn_ended)
         conversation.add_done_callback(lambda _task: self._turn_finished(conversation))
@@ -340,3 +354,4 @@ class ConversationRegistry:
             return
         conversation.log.close(reason)
         self._hub.discard(conversation.id)
+        self.observers.conversation_ended(conversation.id, reason)

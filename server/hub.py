@@ -159,13 +159,20 @@ HEARTBEAT_FRAME = encode_comment("ping")
 
 
 class SubscriberTally:
-    """The number of cursors attached across a hub's logs, kept by the logs as cursors
-    attach and detach, so the hub's total (checked per new subscriber) is O(1)."""
+    """Counters shared by a hub's logs: the cursors attached now (kept as cursors attach
+    and detach, so the hub's total, checked per new subscriber, is O(1)) and running
+    totals for metrics. Plain integer additions, once per batch, never per byte."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "events_published", "deliveries", "bytes_sent", "replays",
+                 "snapshots")
 
     def __init__(self) -> None:
         self.count = 0
+        self.events_published = 0
+        self.deliveries = 0  # (event, subscriber) pairs handed to a connection
+        self.bytes_sent = 0  # event bytes handed to connections (heartbeats excluded)
+        self.replays = 0  # subscribers that attached behind the live edge
+        self.snapshots = 0  # snapshot frames sent instead of a replay
 
 
 class MemoryCursor:
@@ -215,6 +222,7 @@ class MemoryCursor:
         data = b""
         if self._position < log.last_seq:
             data = log.pending_after(self._position)
+            log.count_delivery(log.last_seq - self._position, len(data))
             self._position = log.last_seq
         end = self._end_frame()
         if end is not None:
@@ -354,6 +362,7 @@ class MemoryEventLog:
         self._last_seq = seq
         self._frames.append(frame)
         self._bytes += len(frame)
+        self._tally.events_published += 1
         self._evict()
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
@@ -368,6 +377,7 @@ class MemoryEventLog:
         # join (and the sink's framing of it) is done once per position, not per cursor.
         shared_position = -1
         shared = b""
+        tally = self._tally
         for cursor in self._cursors:
             sink = cursor._sink
             if sink is None:
@@ -380,6 +390,8 @@ class MemoryEventLog:
             if position != shared_position:
                 shared = self.pending_after(position)
                 shared_position = position
+            tally.deliveries += last_seq - position
+            tally.bytes_sent += len(shared)
             cursor._position = last_seq
             if not sink.send(shared):
                 cursor._backed_up = True
@@ -398,12 +410,17 @@ class MemoryEventLog:
             del frames[: self._head]
             self._head = 0
 
+    def count_delivery(self, events: int, size: int) -> None:
+        self._tally.deliveries += events
+        self._tally.bytes_sent += size
+
     def pending_after(self, position: int) -> bytes:
         """What a subscriber at `position` is missing: the frames after it, or a snapshot
         when `position + 1` has left the buffer."""
         if position == self._last_seq - 1 and self._head < len(self._frames):
             return self._frames[-1]
         if position + 1 < self._first_seq:
+            self._tally.snapshots += 1
             return self.snapshot_frame()
         return self.frames_after(position)
 
@@ -438,6 +455,8 @@ class MemoryEventLog:
         cursor = MemoryCursor(self, after)
         self._cursors.add(cursor)
         self._tally.count += 1
+        if after < self._last_seq:
+            self._tally.replays += 1
         if self._on_subscribers_changed is not None:
             self._on_subscribers_changed(len(self._cursors))
         return cursor
@@ -505,6 +524,14 @@ class MemoryHub:
     @property
     def subscriber_count(self) -> int:
         return self._tally.count
+
+    @property
+    def counters(self) -> SubscriberTally:
+        """Running totals for metrics (read only, please)."""
+        return self._tally
+
+    def logs(self) -> dict[str, MemoryEventLog]:
+        return dict(self._logs)
 
     def heartbeat(self) -> None:
         for log in self._logs.values():

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from .chat_chunks import ChatChunk, ChoiceDelta
 from .errors import TurnErrorCode, UpstreamFailure
 from .hub import EventLog
+from .observers import Observers, TurnOutcome
 from .transcript import ANSWER, DONE, ERROR, TURN
 from .upstream import IdleTimeout, UpstreamClient
 
@@ -50,7 +53,7 @@ class _Turn:
     """The state of one turn while it streams, and the events it publishes."""
 
     __slots__ = ("_log", "_turn", "_label", "_finish_reasons", "_usage", "_prompt_chars",
-                 "_generated_chars")
+                 "_generated_chars", "chunks", "first_chunk_at", "_on_first_chunk")
 
     def __init__(self, log: EventLog, turn: int, label: str, *, prompt_chars: int) -> None:
         self._log = log
@@ -61,6 +64,9 @@ class _Turn:
         self._usage: dict[str, Any] | None = None
         self._prompt_chars = prompt_chars
         self._generated_chars = 0
+        self.chunks = 0
+        self.first_chunk_at: float | None = None
+        self._on_first_chunk: Callable[[], None] | None = None
 
     @property
     def complete(self) -> bool:
@@ -68,6 +74,11 @@ class _Turn:
         return bool(reasons) and all(reason is not None for reason in reasons.values())
 
     def on_chunk(self, chunk: ChatChunk) -> None:
+        self.chunks += 1
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
+            if self._on_first_chunk is not None:
+                self._on_first_chunk()
         for choice in chunk.choices:
             if choice.finish_reason is not None or choice.index not in self._finish_reasons:
                 self._finish_reasons[choice.index] = choice.finish_reason
@@ -112,6 +123,11 @@ class _Turn:
             return "no choice at all"
         still_open = sorted(i for i, r in self._finish_reasons.items() if r is None)
         return "no finish_reason for choice " + ", ".join(map(str, still_open))
+
+    @property
+    def finish_reason(self) -> str | None:
+        ended = self._ended_choices()
+        return ended[0]["finish_reason"] if ended else None
 
     def finish(self) -> None:
         choices = self._ended_choices()
@@ -159,10 +175,21 @@ async def run_turn(
     turn: int,
     request: dict[str, Any],
     label: str,
+    conversation_id: str = "",
+    observers: Observers | None = None,
 ) -> None:
     """Stream one answer into `log`. Never raises but CancelledError (after publishing)."""
+    observers = observers or Observers()
+    started = time.monotonic()
     log.publish(TURN, {"turn": turn, "model": request["model"]})
+    # Flushed before the first await, so no other conversation's later event can reach a
+    # multiplexed subscriber ahead of this one.
+    log.flush()
+    observers.turn_started(conversation_id, turn, request["model"])
     state = _Turn(log, turn, label, prompt_chars=_prompt_chars(request))
+    state._on_first_chunk = lambda: observers.first_chunk(
+        conversation_id, turn, time.monotonic() - started
+    )
     try:
         await client.stream(request, on_chunk=state.on_chunk, label=label, after_read=log.flush)
     except IdleTimeout as timeout:
@@ -185,3 +212,18 @@ async def run_turn(
     finally:
         # Whatever happened, what was published reaches the subscribers in this loop turn.
         log.flush()
+        ended = log.transcript.turns[turn] if turn < len(log.transcript.turns) else None
+        observers.turn_ended(
+            TurnOutcome(
+                conversation_id=conversation_id,
+                turn=turn,
+                outcome=(ended.error or {}).get("code", "done") if ended else "unknown",
+                finish_reason=state.finish_reason,
+                seconds=time.monotonic() - started,
+                first_chunk_seconds=(
+                    None if state.first_chunk_at is None else state.first_chunk_at - started
+                ),
+                chunks=state.chunks,
+                usage=ended.usage if ended else None,
+            )
+        )
