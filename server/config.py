@@ -8,7 +8,6 @@ API key is read from the `OPENAI_API_KEY` environment variable only, never from 
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field

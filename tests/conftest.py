@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -226,3 +227,48 @@ def pytest_asyncio_loop_factories(
 
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+class FakeClock:
+    """A clock for code that takes one (`clock=`): tests move `now` by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def assembled_answer(events: list[ServerSentEvent], *, turn: int = 0) -> str:
+    """The answer a viewer shows for `turn`: a snapshot replaces what came before it."""
+    text = ""
+    for event in events:
+        if event.event == "snapshot":
+            turns = orjson.loads(event.data)["turns"]
+            choices = turns[turn]["choices"] if len(turns) > turn else []
+            text = choices[0]["content"] if choices else ""
+        elif event.event == "answer":
+            payload = orjson.loads(event.data)
+            if payload["turn"] == turn and payload["choice"] == 0:
+                text += payload["content"]
+    return text
+
+
+def small_receive_buffer_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A client socket with a tiny receive window (for aiohttp's `socket_factory`), so a
+    client that stops reading stalls the server within kilobytes, not megabytes."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def expect_json_error(
+    response: Any, status: int, code: str, message: str, retry_after: str | None = None
+) -> None:
+    """The response is exactly this JSON error, with this Retry-After (or none)."""
+    text = await response.text()
+    assert response.status == status, text
+    assert response.content_type == "application/json", text
+    assert orjson.loads(text) == {"error": {"code": code, "message": message}}
+    assert response.headers.get("Retry-After") == retry_after

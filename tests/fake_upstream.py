@@ -141,6 +141,13 @@ def answer_script(
     return Script(steps)
 
 
+def gated_script(gate: asyncio.Event, pieces: list[str], *, after: int = 0) -> Script:
+    """An answer that waits for `gate` after its role chunk and `after` pieces."""
+    script = answer_script(pieces)
+    script.steps.insert(1 + after, WaitFor(gate))
+    return script
+
+
 class FakeUpstream:
     """The scripted upstream's state: queued scripts and recorded requests."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import socket
 import time
 
 import aiohttp
@@ -13,7 +12,15 @@ import orjson
 
 from server.hub import MemoryCursor
 
-from .conftest import EventStream, StartChorus, answer_text, eventually, payloads, upstream_tasks
+from .conftest import (
+    EventStream,
+    StartChorus,
+    answer_text,
+    eventually,
+    payloads,
+    small_receive_buffer_socket,
+    upstream_tasks,
+)
 from .fake_upstream import FakeUpstream, WaitFor, answer_script
 
 # Quotes, backslashes, newlines, emoji (a surrogate pair in UTF-16) and CJK, split
@@ -145,13 +152,6 @@ async def test_resume_point_out_of_the_buffer_gets_a_snapshot_then_live_events(
     assert _event_ids(events) == list(range(8, log.last_seq + 1))
 
 
-def _small_receive_buffer_socket(addr_info: tuple) -> socket.socket:
-    """A client socket with a tiny receive window, so a client that stops reading stalls
-    the server's sends within a few KiB instead of after megabytes of kernel buffering."""
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    return sock
 
 
 async def test_a_subscriber_that_stops_reading_does_not_delay_the_others(
@@ -169,7 +169,7 @@ async def test_a_subscriber_that_stops_reading_does_not_delay_the_others(
     created = await chorus.create()
     log = chorus.registry.get(created["id"]).log
 
-    connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer_socket)
+    connector = aiohttp.TCPConnector(socket_factory=small_receive_buffer_socket)
     async with aiohttp.ClientSession(connector=connector) as stalled_session:
         stalled = await stalled_session.get(
             chorus.server.make_url(f"/v1/conversations/{created['id']}/events")

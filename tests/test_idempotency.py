@@ -25,35 +25,26 @@ from server.idempotency import (
 )
 from server.limits import Limits
 
-from .conftest import Chorus, StartChorus, answer_text, eventually, make_settings
-from .fake_upstream import FakeUpstream, Script, WaitFor, answer_script
+from .conftest import (
+    Chorus,
+    FakeClock,
+    StartChorus,
+    answer_text,
+    eventually,
+    expect_json_error,
+    make_settings,
+)
+from .fake_upstream import FakeUpstream, answer_script, gated_script
 
 HELLO = [{"role": "user", "content": "hello"}]
 KEY = ("caller", "POST /v1/conversations", "key-1")
 ANSWER = StoredResponse(201, b'{"id":"abc"}')
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def gated(gate: asyncio.Event, pieces: list[str]) -> Script:
-    script = answer_script(pieces)
-    script.steps.insert(1, WaitFor(gate))
-    return script
-
-
 async def expect_error(
     response: ClientResponse, status: int, code: str, message: str, retry_after: str | None = None
 ) -> None:
-    text = await response.text()
-    assert response.status == status, text
-    assert orjson.loads(text) == {"error": {"code": code, "message": message}}
-    assert response.headers.get("Retry-After") == retry_after
+    await expect_json_error(response, status, code, message, retry_after)
     assert "Idempotent-Replayed" not in response.headers
 
 
@@ -172,7 +163,7 @@ async def test_repeated_create_returns_the_same_conversation_and_calls_upstream_
     start_chorus: StartChorus, fake_upstream: FakeUpstream
 ) -> None:
     gate = asyncio.Event()
-    fake_upstream.enqueue(gated(gate, ["once"]), answer_script(["other"]))
+    fake_upstream.enqueue(gated_script(gate, ["once"]), answer_script(["other"]))
     chorus = await start_chorus()
     body = {"messages": HELLO}
     first = await post(chorus, "/v1/conversations", body, "create-1")
@@ -260,7 +251,7 @@ async def test_errors_are_not_remembered(
     start_chorus: StartChorus, fake_upstream: FakeUpstream
 ) -> None:
     gate = asyncio.Event()
-    fake_upstream.enqueue(gated(gate, ["busy"]), answer_script(["ok"]))
+    fake_upstream.enqueue(gated_script(gate, ["busy"]), answer_script(["ok"]))
     chorus = await start_chorus(limits={"max_live_conversations": 1})
     busy = await chorus.create()
     body = {"messages": HELLO}

@@ -7,14 +7,12 @@ import asyncio
 import orjson
 
 from .conftest import StartChorus, answer_text, eventually, upstream_tasks
-from .fake_upstream import FakeUpstream, Script, WaitFor, answer_script
+from .fake_upstream import FakeUpstream, Script, gated_script
 
 
 def held_script(pieces: list[str]) -> tuple[asyncio.Event, Script]:
     gate = asyncio.Event()
-    script = answer_script(pieces)
-    script.steps.insert(2, WaitFor(gate))  # after the first piece, wait for the test
-    return gate, script
+    return gate, gated_script(gate, pieces, after=1)  # after the first piece
 
 
 async def test_keep_generating_when_everyone_leaves(

@@ -20,35 +20,21 @@ from server.config import LimitsSettings
 from server.errors import ServiceUnavailable, TooManyRequests
 from server.limits import Limits, StartRateLimiter
 
-from .conftest import Chorus, StartChorus, answer_text, eventually, make_settings
-from .fake_upstream import FakeUpstream, Script, WaitFor, answer_script
+from .conftest import (
+    Chorus,
+    FakeClock,
+    StartChorus,
+    answer_text,
+    eventually,
+    expect_json_error,
+    make_settings,
+)
+from .fake_upstream import FakeUpstream, answer_script, gated_script
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def gated(gate: asyncio.Event, pieces: list[str]) -> Script:
-    """An answer that sends its role chunk, then waits for `gate` before the `pieces`."""
-    script = answer_script(pieces)
-    script.steps.insert(1, WaitFor(gate))
-    return script
-
-
-async def expect_error(
-    response: ClientResponse, status: int, code: str, message: str, retry_after: str | None
-) -> None:
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/json", text
-    assert orjson.loads(text) == {"error": {"code": code, "message": message}}
-    assert response.headers.get("Retry-After") == retry_after
+expect_error = expect_json_error
 
 
 # --- the start-rate limiter, on an injected clock ----------------------------------------
@@ -205,7 +191,7 @@ async def test_live_conversations_bound_refuses_creates_and_follow_ups(
 ) -> None:
     gate_b, gate_c = asyncio.Event(), asyncio.Event()
     fake_upstream.enqueue(
-        answer_script(["a"]), gated(gate_b, ["b"]), gated(gate_c, ["c"]),
+        answer_script(["a"]), gated_script(gate_b, ["b"]), gated_script(gate_c, ["c"]),
         answer_script(["d"]), answer_script(["a2"]),
     )
     chorus = await start_chorus(limits={"max_live_conversations": 2})
@@ -214,7 +200,7 @@ async def test_live_conversations_bound_refuses_creates_and_follow_ups(
     await watcher_a.until_turn_ends(0)
     await eventually(lambda: chorus.registry.live_turns == 0)
     b = await chorus.create()
-    c = await chorus.create()
+    await chorus.create()  # c: holds the second live slot
     watcher_b = await chorus.subscribe(b["id"])
     await eventually(lambda: fake_upstream.active == 2)
     assert chorus.registry.live_turns == 2
@@ -259,7 +245,7 @@ async def test_live_turns_count_recovers_on_cancel_and_delete(
     start_chorus: StartChorus, fake_upstream: FakeUpstream
 ) -> None:
     gate = asyncio.Event()
-    fake_upstream.enqueue(gated(gate, ["x"]), gated(gate, ["y"]), answer_script(["z"]))
+    fake_upstream.enqueue(gated_script(gate, ["x"]), gated_script(gate, ["y"]), answer_script(["z"]))
     chorus = await start_chorus(limits={"max_live_conversations": 2})
     first = await chorus.create()
     second = await chorus.create()
@@ -278,7 +264,7 @@ async def test_subscribers_per_conversation_bound_is_429(
     start_chorus: StartChorus, fake_upstream: FakeUpstream
 ) -> None:
     gate = asyncio.Event()
-    fake_upstream.enqueue(gated(gate, ["one", " two"]), gated(gate, ["other"]))
+    fake_upstream.enqueue(gated_script(gate, ["one", " two"]), gated_script(gate, ["other"]))
     chorus = await start_chorus(limits={"max_subscribers_per_conversation": 2})
     full = await chorus.create()
     other = await chorus.create()
@@ -312,7 +298,7 @@ async def test_subscribers_total_bound_is_503_and_the_total_is_kept_by_the_hub(
     start_chorus: StartChorus, fake_upstream: FakeUpstream
 ) -> None:
     gate = asyncio.Event()
-    fake_upstream.enqueue(gated(gate, ["A"]), gated(gate, ["B"]))
+    fake_upstream.enqueue(gated_script(gate, ["A"]), gated_script(gate, ["B"]))
     chorus = await start_chorus(limits={"max_subscribers_total": 3})
     hub = chorus.app[HUB]
     a = await chorus.create()

@@ -13,31 +13,21 @@ import socket
 import time
 
 import aiohttp
-import orjson
 import pytest
 
 from server.sse import SSEDecoder, ServerSentEvent
 
-from .conftest import EventStream, StartChorus, eventually, turn_has_ended
+from .conftest import (
+    EventStream,
+    StartChorus,
+    assembled_answer,
+    eventually,
+    small_receive_buffer_socket,
+    turn_has_ended,
+)
 from .fake_upstream import FakeUpstream, WaitFor, answer_script
 
 
-def _small_receive_buffer_socket(addr_info: tuple[object, ...]) -> socket.socket:
-    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
-    sock = socket.socket(family=family, type=type_, proto=proto)  # type: ignore[arg-type]
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    return sock
-
-
-def assembled_answer(events: list[ServerSentEvent]) -> str:
-    """The answer a viewer shows: a snapshot replaces what came before it."""
-    text = ""
-    for event in events:
-        if event.event == "snapshot":
-            text = orjson.loads(event.data)["turns"][0]["choices"][0]["content"]
-        elif event.event == "answer":
-            text += orjson.loads(event.data)["content"]
-    return text
 
 
 async def test_stalled_and_slow_subscribers_among_two_hundred(
@@ -58,7 +48,7 @@ async def test_stalled_and_slow_subscribers_among_two_hundred(
     log = chorus.registry.get(created["id"]).log
     url = chorus.server.make_url(created["events_url"])
 
-    connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer_socket)
+    connector = aiohttp.TCPConnector(socket_factory=small_receive_buffer_socket)
     async with (
         aiohttp.ClientSession(connector=connector) as stalled_session,
         # No connection limit: the default of 100 would queue half the readers.

@@ -16,12 +16,18 @@ import os
 import random
 
 import aiohttp
-import orjson
 
 from server.hub import MemoryCursor
 from server.sse import ServerSentEvent
 
-from .conftest import EventStream, StartChorus, eventually, turn_has_ended, upstream_tasks
+from .conftest import (
+    EventStream,
+    StartChorus,
+    assembled_answer,
+    eventually,
+    turn_has_ended,
+    upstream_tasks,
+)
 from .fake_upstream import FakeUpstream, answer_script
 
 CONVERSATIONS = 12
@@ -29,14 +35,6 @@ SUBSCRIBERS = 300
 PIECES = 40
 
 
-def assembled(events: list[ServerSentEvent]) -> str:
-    text = ""
-    for event in events:
-        if event.event == "snapshot":
-            text = orjson.loads(event.data)["turns"][0]["choices"][0]["content"]
-        elif event.event == "answer":
-            text += orjson.loads(event.data)["content"]
-    return text
 
 
 async def test_soak_subscribers_come_and_go_while_conversations_run(
@@ -134,11 +132,11 @@ async def test_soak_subscribers_come_and_go_while_conversations_run(
         state = await chorus.state(conversation_id)
         turn = state["turns"][0]
         if turn["status"] == "done":
-            assert assembled(events) == expected[prompt_of[conversation_id]]
+            assert assembled_answer(events) == expected[prompt_of[conversation_id]]
         else:
             assert turn["status"] == "cancelled"
             cancelled += 1
             produced = turn["choices"][0]["content"] if turn["choices"] else ""
-            assert assembled(events) == produced
+            assert assembled_answer(events) == produced
             assert expected[prompt_of[conversation_id]].startswith(produced)
     assert cancelled > 0  # the run did exercise cancellation
