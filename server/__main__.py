@@ -17,6 +17,7 @@ from aiohttp import web
 from .app import create_app
 from .auth import RedactingAccessLogger
 from .config import ConfigError, Settings, load_settings
+from .logging_setup import configure_logging
 
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -78,10 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     logging.getLogger(__name__).info(
         "Chorus listening on http://%s:%d/ (event loop: %s)",
         settings.server.host, settings.server.port, type(loop).__module__.split(".")[0],
@@ -96,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             loop=loop,
             # Handlers still running after the graceful part are cancelled after this long.
             shutdown_timeout=settings.server.shutdown_grace_seconds + 5.0,
+            # One line per request on `aiohttp.access`, with watch tokens redacted.
+            access_log=logging.getLogger("aiohttp.access"),
             access_log_class=RedactingAccessLogger,
         )
     except ConfigError as error:

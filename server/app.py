@@ -16,6 +16,9 @@ import aiohttp
 from aiohttp import web
 
 from .app_keys import FRAMER, HUB, IDEMPOTENCY, LIMITS, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import METRICS, READINESS
+from .app_keys import FIREHOSE
+from .firehose import STATS_SECONDS, Firehose
 from .auth import caller_identity, setup_access_control
 from .config import Settings
 from .conversations import ConversationRegistry
@@ -23,6 +26,8 @@ from .transport_sink import ChunkFramer
 from .hub import Hub, MemoryHub
 from .idempotency import IdempotencyStore
 from .limits import Limits
+from .metrics import Metrics
+from .readiness import Readiness
 from .mock import MockSettings, build_mock_app
 from .routes import add_routes
 from .tasks import cancel_and_wait
@@ -106,6 +111,50 @@ async def _heartbeat(app: web.Application) -> AsyncIterator[None]:
         await cancel_and_wait(task)
 
 
+async def _metrics(app: web.Application) -> AsyncIterator[None]:
+    """This app's metrics (its own Prometheus registry): read from the registry, the hub
+    and the upstream client at scrape time, and told of every turn as an observer."""
+    registry = app[REGISTRY]
+    metrics = Metrics(conversations=registry, hub=app[HUB], client=registry.client)
+    registry.observers.add(metrics.turns)
+    app[METRICS] = metrics
+    yield
+
+
+async def _firehose(app: web.Application) -> AsyncIterator[None]:
+    """The firehose's log, fed by the registry's observers, and its one stats task."""
+    settings = app[SETTINGS].hub
+    firehose = Firehose(
+        registry=app[REGISTRY], hub=app[HUB],
+        max_events=settings.buffer_events, max_bytes=settings.buffer_bytes,
+    )
+    app[REGISTRY].observers.add(firehose)
+    app[FIREHOSE] = firehose
+    task = asyncio.create_task(firehose.run_stats(STATS_SECONDS), name="firehose-stats")
+    try:
+        yield
+    finally:
+        await cancel_and_wait(task)
+        firehose.close("shutdown")
+
+
+async def _end_firehose_streams(app: web.Application) -> None:
+    """After the graceful wait (so dashboards saw the conversations end): end every
+    firehose stream with `end` "shutdown" and a retry hint."""
+    if FIREHOSE in app:
+        app[FIREHOSE].end_subscribers(retry_ms=app[SETTINGS].hub.retry_hint_ms)
+
+
+async def _ready(app: web.Application) -> None:
+    """on_startup runs after every cleanup context has started: from now on, ready."""
+    app[READINESS].set_started()
+
+
+async def _not_ready(app: web.Application) -> None:
+    """The first shutdown hook: /readyz answers 503 while running turns get their grace."""
+    app[READINESS].set_shutting_down()
+
+
 async def _shut_down_gracefully(app: web.Application) -> None:
     """SIGTERM/SIGINT (aiohttp has stopped accepting by now): end every stream with `end`
     "shutdown" and a retry hint, let running turns finish within
@@ -129,6 +178,12 @@ def create_app(settings: Settings) -> web.Application:
     setup_access_control(app)  # first: a bad keys file stops start-up before anything runs
     app.cleanup_ctx.append(_upstream_and_registry)
     app.cleanup_ctx.append(_heartbeat)
+    app.cleanup_ctx.append(_metrics)
+    app[READINESS] = Readiness()
+    app.on_startup.append(_ready)
+    app.on_shutdown.append(_not_ready)  # before the graceful wait below
     app.on_shutdown.append(_shut_down_gracefully)
+    app.cleanup_ctx.append(_firehose)
+    app.on_shutdown.append(_end_firehose_streams)
     add_routes(app)
     return app

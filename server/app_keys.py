@@ -13,6 +13,9 @@ from .transport_sink import ChunkFramer
 from .hub import Hub
 from .idempotency import IdempotencyStore
 from .limits import Limits
+from .firehose import Firehose
+from .metrics import Metrics
+from .readiness import Readiness
 
 SETTINGS = web.AppKey("settings", Settings)
 HUB = web.AppKey("hub", Hub)
@@ -27,3 +30,9 @@ LIMITS = web.AppKey("limits", Limits)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
 # API keys, the watch-token signer and the CORS allowlist; set at start-up (server/auth.py).
 ACCESS = web.AppKey("access", AccessControl)
+# This app's own Prometheus registry, collectors and turn observer (GET /metrics).
+METRICS = web.AppKey("metrics", Metrics)
+# Starting / ready / shutting down (GET /readyz).
+READINESS = web.AppKey("readiness", Readiness)
+# The firehose: every conversation's lifecycle and stats as one log (GET /v1/events?all=1).
+FIREHOSE = web.AppKey("firehose", Firehose)

@@ -16,7 +16,7 @@ registered, plus one call in the SSE route, and the response headers are added b
   is open ends that stream with `end` `token_expired`: one timer handle per stream, which
   calls the cursor's `end` (no task).
 - CORS from the `auth.cors_origins` allowlist; preflights answered by `cors_preflight`.
-- The page (`/`, `/web/*`) is served with a strict Content-Security-Policy.
+- The pages (`/`, `/dashboard`, `/web/*`) are served with a strict Content-Security-Policy.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+# The HTML pages (their files are under /web/): they get the CSP above.
+PAGE_PATHS = frozenset({"/", "/dashboard"})
 PREFLIGHT_METHODS = "GET, POST, DELETE"
 PREFLIGHT_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key"
 PREFLIGHT_MAX_AGE_SECONDS = 600
@@ -267,7 +269,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     headers = response.headers
     headers.setdefault("X-Content-Type-Options", "nosniff")
     path = request.path
-    if path == "/" or path.startswith("/web/"):
+    if path in PAGE_PATHS or path.startswith("/web/"):
         headers["Content-Security-Policy"] = PAGE_CSP
         headers["Referrer-Policy"] = "no-referrer"
         return

@@ -28,6 +28,8 @@ class ServerSettings:
     port: int = 8000
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
+    # "text": one readable line per record; "json": one JSON object per line.
+    log_format: str = "text"
     # "auto": uvloop when it is installed (pip install .[speed]), else asyncio's own loop.
     event_loop: str = "auto"
     # On SIGTERM/SIGINT: how long running turns may go on before they are cancelled.
@@ -136,6 +138,7 @@ _POSITIVE = {
 }
 _CHOICES = {
     ("server", "event_loop"): {"auto", "asyncio", "uvloop"},
+    ("server", "log_format"): {"text", "json"},
     ("hub", "on_no_subscribers"): {"keep", "cancel"},
 }
 _KIND_NAMES = {tuple: "a list of strings"}

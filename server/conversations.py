@@ -33,8 +33,9 @@ LIVE_TURN_RETRY_AFTER_SECONDS = 5
 
 
 def new_conversation_id() -> str:
-    """A random, unguessable id: 144 bits from the OS CSPRNG, URL-safe."""
-    return secrets.token_urlsafe(18)
+    """A random, unguessable id: 144 bits from the OS CSPRNG, URL-safe. The leading "c"
+    keeps an id from starting with "-", which command-line tools would take for a flag."""
+    return "c" + secrets.token_urlsafe(18)
 
 
 class Conversation:
@@ -156,6 +157,7 @@ class Conversation:
             logger.info(
                 "conversation %s: nobody watched for %g s; cancelling the turn "
                 "(hub.on_no_subscribers = cancel)", self.id, self._unwatched_grace,
+                extra={"conversation": self.id},
             )
             # The conversation's done callbacks observe the end; nothing here awaits it.
             task.cancel(f"nobody was watching for {self._unwatched_grace:g} s")
@@ -222,6 +224,11 @@ class ConversationRegistry:
         """Turns whose upstream task is running, across all conversations."""
         return self._live_turns
 
+    @property
+    def client(self) -> UpstreamClient:
+        """The upstream client every turn streams through."""
+        return self._client
+
     def all(self) -> list[Conversation]:
         return list(self._conversations.values())
 
@@ -246,6 +253,7 @@ class ConversationRegistry:
         logger.info(
             "conversation %s created (model %s, %d messages)",
             conversation_id, start.model, len(start.messages),
+            extra={"conversation": conversation_id},
         )
         return conversation
 
@@ -254,20 +262,24 @@ class ConversationRegistry:
         if not conversation.streaming:  # else start_turn answers 409 turn_in_progress
             self._admit_live_turn()
         turn = self._start_turn(conversation, follow_up=content)
-        logger.info("conversation %s: follow-up turn %d started", conversation_id, turn)
         return conversation, turn
 
     async def cancel(self, conversation_id: str) -> Conversation:
         conversation = self.get(conversation_id)
         if not await conversation.stop_turn("cancelled by request"):
             raise Conflict("no turn is streaming", code="not_streaming")
-        logger.info("conversation %s: turn cancelled by request", conversation_id)
+        logger.info(
+            "conversation %s: turn cancelled by request", conversation_id,
+            extra={"conversation": conversation_id},
+        )
         return conversation
 
     async def delete(self, conversation_id: str) -> None:
         conversation = self.get(conversation_id)
         await self._remove(conversation, "deleted")
-        logger.info("conversation %s deleted", conversation_id)
+        logger.info(
+            "conversation %s deleted", conversation_id, extra={"conversation": conversation_id}
+        )
 
     async def shut_down(self, *, grace_seconds: float, retry_hint_ms: int) -> None:
         """Graceful shutdown: end every subscriber's stream now (`end` "shutdown" with a
@@ -326,7 +338,9 @@ class ConversationRegistry:
         if conversation is None or conversation.streaming:
             return
         self._forget(conversation, "expired")
-        logger.info("conversation %s expired", conversation_id)
+        logger.info(
+            "conversation %s expired", conversation_id, extra={"conversation": conversation_id}
+        )
 
     def _evict_oldest_finished(self) -> None:
         finished = [c for c in self._conversations.values() if c.finished_at is not None]
@@ -339,13 +353,19 @@ class ConversationRegistry:
             )
         oldest = min(finished, key=lambda c: c.finished_at or 0.0)
         self._forget(oldest, "evicted")
-        logger.info("conversation %s evicted to make room (max_conversations)", oldest.id)
+        logger.info(
+            "conversation %s evicted to make room (max_conversations)", oldest.id,
+            extra={"conversation": oldest.id},
+        )
 
     async def _remove(self, conversation: Conversation, reason: str) -> None:
         conversation.closing = True
         stopped = await conversation.stop_turn(f"conversation {reason}")
         if stopped and reason == "shutdown":
-            logger.info("shutdown: cancelled the turn of conversation %s", conversation.id)
+            logger.info(
+                "shutdown: cancelled the turn of conversation %s", conversation.id,
+                extra={"conversation": conversation.id},
+            )
         self._forget(conversation, reason)
 
     def _forget(self, conversation: Conversation, reason: str) -> None:

@@ -144,9 +144,10 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
                     await writer.drain()
                 cursor.resume()
     except TimeoutError:
+        request.app[HUB].counters.dropped += 1
         logger.info(
             "conversation %s: dropped a subscriber whose writes did not drain in %g s",
-            conversation.id, send_timeout,
+            conversation.id, send_timeout, extra={"conversation": conversation.id},
         )
         if request.transport is not None:
             request.transport.abort()

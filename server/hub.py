@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import orjson
 
 from .sse import encode_comment, encode_frame
-from .transcript import LOG_EVENT_KINDS, Transcript
+from .transcript import Transcript
 
 
 class Sink(Protocol):
@@ -87,6 +87,19 @@ class Cursor(Protocol):
 
     def detach(self) -> None:
         """Stop following the log. Idempotent."""
+
+
+class LogState(Protocol):
+    """What a log folds its events into, so that a subscriber the replay buffer has left
+    behind is handed the state as of `last_seq` (one `snapshot` frame) instead of a gap.
+    A conversation's log folds into its `Transcript`; the firehose has its own table."""
+
+    def apply(self, kind: str, payload: dict[str, Any]) -> None:
+        """Fold one event in. Raises ValueError for a kind it does not know or an event
+        out of order (the event is then not published)."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The `snapshot` frame's fields besides `seq`."""
 
 
 class EventLog(Protocol):
@@ -151,6 +164,10 @@ class Hub(Protocol):
     @property
     def subscriber_count(self) -> int: ...
 
+    @property
+    def counters(self) -> SubscriberTally:
+        """This process's running totals, for metrics; the SSE route adds its drops."""
+
     def heartbeat(self) -> None:
         """Send the `: ping` comment to every subscriber of every conversation."""
 
@@ -164,7 +181,7 @@ class SubscriberTally:
     totals for metrics. Plain integer additions, once per batch, never per byte."""
 
     __slots__ = ("count", "events_published", "deliveries", "bytes_sent", "replays",
-                 "snapshots")
+                 "snapshots", "dropped")
 
     def __init__(self) -> None:
         self.count = 0
@@ -173,6 +190,7 @@ class SubscriberTally:
         self.bytes_sent = 0  # event bytes handed to connections (heartbeats excluded)
         self.replays = 0  # subscribers that attached behind the live edge
         self.snapshots = 0  # snapshot frames sent instead of a replay
+        self.dropped = 0  # subscribers dropped by their SSE handler: writes did not drain
 
 
 class MemoryCursor:
@@ -299,12 +317,19 @@ class MemoryEventLog:
     __slots__ = (
         "_frames", "_head", "_first_seq", "_last_seq", "_bytes", "_max_events",
         "_max_bytes", "_cursors", "_transcript", "_closed_reason", "_snapshot_cache",
-        "_end_frame", "_flush_handle", "_on_subscribers_changed", "_tally",
+        "_end_frame", "_flush_handle", "_on_subscribers_changed", "_tally", "_state",
     )
 
     def __init__(
-        self, *, max_events: int, max_bytes: int, tally: SubscriberTally | None = None
+        self,
+        *,
+        max_events: int,
+        max_bytes: int,
+        tally: SubscriberTally | None = None,
+        state: LogState | None = None,
     ) -> None:
+        """`state`: what the events fold into and `snapshot()` reports; by default the
+        conversation's `transcript` (a log with its own state keeps an empty transcript)."""
         if max_events < 1 or max_bytes < 1:
             raise ValueError("a log must be able to hold at least one event")
         self._frames: list[bytes] = []
@@ -316,6 +341,7 @@ class MemoryEventLog:
         self._max_bytes = max_bytes
         self._cursors: set[MemoryCursor] = set()
         self._transcript = Transcript()
+        self._state: LogState = self._transcript if state is None else state
         self._closed_reason: str | None = None
         self._snapshot_cache: tuple[int, bytes] | None = None
         self._end_frame: bytes | None = None
@@ -354,9 +380,7 @@ class MemoryEventLog:
     def publish(self, kind: str, payload: dict[str, Any]) -> int:
         if self._closed_reason is not None:
             raise RuntimeError("publish() on a closed log; open a new conversation instead")
-        if kind not in LOG_EVENT_KINDS:
-            raise ValueError(f"{kind!r} is not a log event kind")
-        self._transcript.apply(kind, payload)
+        self._state.apply(kind, payload)
         seq = self._last_seq + 1
         frame = encode_frame(event=kind, data=orjson.dumps(payload), id=seq)
         self._last_seq = seq
@@ -377,6 +401,7 @@ class MemoryEventLog:
         # join (and the sink's framing of it) is done once per position, not per cursor.
         shared_position = -1
         shared = b""
+        shared_is_snapshot = False
         tally = self._tally
         for cursor in self._cursors:
             sink = cursor._sink
@@ -388,8 +413,11 @@ class MemoryEventLog:
             if cursor._backed_up or cursor._finished or position >= last_seq:
                 continue
             if position != shared_position:
-                shared = self.pending_after(position)
+                shared = self.pending_after(position)  # counts a snapshot, once
                 shared_position = position
+                shared_is_snapshot = position + 1 < self._first_seq
+            elif shared_is_snapshot:
+                tally.snapshots += 1  # the same snapshot, sent to one more subscriber
             tally.deliveries += last_seq - position
             tally.bytes_sent += len(shared)
             cursor._position = last_seq
@@ -432,7 +460,7 @@ class MemoryEventLog:
         return b"".join(self._frames[start:])
 
     def snapshot(self) -> dict[str, Any]:
-        return {"seq": self._last_seq, "turns": self._transcript.to_json()}
+        return {"seq": self._last_seq, **self._state.snapshot()}
 
     def snapshot_frame(self) -> bytes:
         cached = self._snapshot_cache

@@ -13,10 +13,13 @@ from aiohttp import web
 
 from . import __version__
 from .app_keys import LIMITS, REGISTRY, SETTINGS, UPSTREAM_INFO
+from .app_keys import METRICS, READINESS
 from .auth import cors_preflight, grant_watch, require_api_key, require_watch_token
 from .chat_request import parse_chat_start, parse_follow_up
 from .errors import InvalidRequest, NotFound, PayloadTooLarge
+from .errors import ServiceUnavailable
 from .events_route import conversation_events
+from .combined_route import combined_events
 from .http_errors import json_errors, no_such_route
 from .idempotency_route import idempotent
 from .path_params import conversation_id_of
@@ -144,6 +147,22 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @json_errors
+async def readyz(request: web.Request) -> web.Response:
+    """200 once every cleanup context has started; 503 `not_ready` from shutdown on."""
+    readiness = request.app[READINESS]
+    if not readiness.ready:
+        raise ServiceUnavailable(f"not ready: {readiness.state}", code="not_ready")
+    return json_response({"status": "ready"})
+
+
+@json_errors
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format, or OpenMetrics when the scraper's Accept asks for it."""
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+@json_errors
 async def info(request: web.Request) -> web.Response:
     return json_response({"upstream": request.app[UPSTREAM_INFO], "version": __version__})
 
@@ -151,6 +170,12 @@ async def info(request: web.Request) -> web.Response:
 @json_errors
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_ROOT / "index.html")
+
+
+@json_errors
+async def dashboard(request: web.Request) -> web.FileResponse:
+    """The operators' live table, fed by the firehose (`GET /v1/events?all=1`)."""
+    return web.FileResponse(WEB_ROOT / "dashboard.html")
 
 
 # The page's files, listed once at start-up: only these names are ever served.
@@ -168,8 +193,11 @@ async def web_file(request: web.Request) -> web.FileResponse:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
+    app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/web/{name}", web_file)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/info", info)
     # API keys (when configured) guard what changes or lists; watching needs the id and,
     # when required, a watch token (the events route checks it itself). See auth.py.
@@ -184,6 +212,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/conversations/{conversation_id}/messages", require_api_key(follow_up))
     app.router.add_post("/v1/conversations/{conversation_id}/cancel", require_api_key(cancel_turn))
     app.router.add_get("/v1/conversations/{conversation_id}/events", conversation_events)
+    # Many conversations in one stream, or the firehose: they reveal many conversations,
+    # so an API key when keys are configured (README "Multiplexed and firehose streams").
+    app.router.add_get("/v1/events", require_api_key(combined_events))
     # CORS preflights: OPTIONS on the catch-all's own resource (registered first, so it
     # wins for OPTIONS); anything that is not a preflight goes on to the catch-all.
     app.router.add_route("OPTIONS", "/{tail:.*}", cors_preflight)

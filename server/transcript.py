@@ -113,7 +113,10 @@ class Transcript:
         return self.turns[-1].status if self.turns else STREAMING
 
     def apply(self, kind: str, payload: dict[str, Any]) -> None:
-        """Fold one event into the state. Raises ValueError for an event out of order."""
+        """Fold one event into the state. Raises ValueError for an event out of order or
+        a kind that is not a conversation event."""
+        if kind not in LOG_EVENT_KINDS:
+            raise ValueError(f"{kind!r} is not a log event kind")
         if kind == TURN:
             if payload["turn"] != len(self.turns):
                 raise ValueError(f"turn {payload['turn']} started out of order")
@@ -148,3 +151,7 @@ class Transcript:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [turn.to_json() for turn in self.turns]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The fields of the log's `snapshot` besides `seq` (see `hub.LogState`)."""
+        return {"turns": self.to_json()}

@@ -53,12 +53,16 @@ class _Turn:
     """The state of one turn while it streams, and the events it publishes."""
 
     __slots__ = ("_log", "_turn", "_label", "_finish_reasons", "_usage", "_prompt_chars",
-                 "_generated_chars", "chunks", "first_chunk_at", "_on_first_chunk")
+                 "_generated_chars", "chunks", "first_chunk_at", "_on_first_chunk", "_extra")
 
-    def __init__(self, log: EventLog, turn: int, label: str, *, prompt_chars: int) -> None:
+    def __init__(
+        self, log: EventLog, turn: int, label: str, *, prompt_chars: int,
+        log_extra: dict[str, str] | None = None,
+    ) -> None:
         self._log = log
         self._turn = turn
         self._label = label
+        self._extra = log_extra
         # Every choice that appeared, with its finish_reason once it has one.
         self._finish_reasons: dict[int, str | None] = {}
         self._usage: dict[str, Any] | None = None
@@ -134,6 +138,7 @@ class _Turn:
         logger.info(
             "%s: turn %d done (%s)",
             self._label, self._turn, ", ".join(c["finish_reason"] for c in choices),
+            extra=self._extra,
         )
         self._log.publish(
             DONE,
@@ -146,7 +151,10 @@ class _Turn:
         )
 
     def fail(self, code: TurnErrorCode, message: str) -> None:
-        logger.info("%s: turn %d ended with %s: %s", self._label, self._turn, code, message)
+        logger.info(
+            "%s: turn %d ended with %s: %s", self._label, self._turn, code, message,
+            extra=self._extra,
+        )
         self._log.publish(
             ERROR,
             {
@@ -186,7 +194,10 @@ async def run_turn(
     # multiplexed subscriber ahead of this one.
     log.flush()
     observers.turn_started(conversation_id, turn, request["model"])
-    state = _Turn(log, turn, label, prompt_chars=_prompt_chars(request))
+    # Log records carry the id as a field too (the JSON log format's `conversation`).
+    log_extra = {"conversation": conversation_id} if conversation_id else None
+    state = _Turn(log, turn, label, prompt_chars=_prompt_chars(request), log_extra=log_extra)
+    logger.info("%s: turn %d started (model %s)", label, turn, request["model"], extra=log_extra)
     state._on_first_chunk = lambda: observers.first_chunk(
         conversation_id, turn, time.monotonic() - started
     )
@@ -205,7 +216,7 @@ async def run_turn(
         state.fail(TurnErrorCode.CANCELLED, reason)
         raise
     except Exception:
-        logger.exception("%s: turn %d failed unexpectedly", label, turn)
+        logger.exception("%s: turn %d failed unexpectedly", label, turn, extra=log_extra)
         state.fail(TurnErrorCode.INTERNAL, "internal error while streaming the answer")
     else:
         state.end_of_stream()

@@ -120,6 +120,8 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout
         )
+        # Attempts retried, over this client's life (read by the metrics at scrape time).
+        self.retries = 0
 
     @property
     def settings(self) -> UpstreamSettings:
@@ -185,6 +187,7 @@ class UpstreamClient:
                     retryable.failure.message,
                     delay,
                 )
+                self.retries += 1
                 await asyncio.sleep(delay)
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float | None:
