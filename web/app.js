@@ -6,7 +6,8 @@
  * it. Model text only ever reaches the DOM through text nodes, never as HTML.
  */
 
-const WATCHING_REFRESH_MS = 5000;
+// "N watching" is polled (GET /v1/conversations/ID): cheap, and late by at most this much.
+const WATCHING_REFRESH_MS = 2000;
 const STREAM_RETRY_FIRST_MS = 2000;
 const STREAM_RETRY_MAX_MS = 30000;
 const FENCE = "```";
@@ -455,6 +456,17 @@ class ChorusPage {
   /** @type {number | null} */
   streamRetryTimer = null;
   streamRetryDelay = STREAM_RETRY_FIRST_MS;
+  /** The id of the last event applied from the current stream ("" before the first). */
+  lastEventId = "";
+  /** The EventSource is reconnecting by itself; it resumes after `resumeAfter`. */
+  reconnecting = false;
+  resumeAfter = "";
+  /** Resumed, and the first event of the resumed stream has not arrived yet. */
+  awaitingResumedEvent = false;
+  /** The stream was reopened from the start after the browser gave up on it. */
+  reopened = false;
+  /** How many times the stream dropped and was resumed (shown for tests as data-reconnects). */
+  reconnects = 0;
 
   constructor() {
     const byId = (id) => document.getElementById(id);
@@ -464,6 +476,7 @@ class ChorusPage {
     this.stopButton = byId("stop");
     this.formError = byId("form-error");
     this.status = byId("status");
+    this.connectionNote = byId("connection-note");
     this.watching = byId("watching");
     this.mockNotice = byId("mock-notice");
     this.serverInfo = byId("server-info");
@@ -642,6 +655,9 @@ class ChorusPage {
     this.prompts = [];
     this.clearTurns();
     this.streamEnded.hidden = true;
+    this.setConnectionNote("");
+    this.reconnects = 0;
+    delete this.status.dataset.reconnects;
     this.watching.textContent = "0";
     this.shareLink.href = shareUrl(conversationId, watchToken);
     this.shareLink.textContent = shareUrl(conversationId, watchToken);
@@ -653,14 +669,24 @@ class ChorusPage {
     this.closeStream();
     // A new EventSource replays from the start, so the state it rebuilds starts empty.
     this.clearTurns();
+    this.lastEventId = "";
+    this.reconnecting = false;
+    this.awaitingResumedEvent = false;
+    this.reopened = false;
     this.setStatus("connecting", "connecting…");
     const source = new EventSource(url);
     this.eventSource = source;
     this.streamUrl = url;
 
     source.addEventListener("open", () => {
+      if (source !== this.eventSource) return;
       this.streamRetryDelay = STREAM_RETRY_FIRST_MS;
       this.setStatus("live", "live");
+      // Count this tab now rather than at the next poll (it was not counted while away).
+      this.refreshConversation();
+      if (this.reconnecting) this.onResumed();
+      else if (this.reopened) this.setConnectionNote("reconnected: replayed from the start");
+      this.reopened = false;
     });
     // The server's named `error` events and the EventSource's own connection errors arrive
     // as the same event type; only the server's carry a `data` string.
@@ -695,9 +721,17 @@ class ChorusPage {
     if (source !== this.eventSource) return;
     if (source.readyState === EventSource.CONNECTING) {
       // The browser reconnects by itself with Last-Event-ID; the server replays what we missed.
+      if (!this.reconnecting) {
+        this.reconnecting = true;
+        this.resumeAfter = this.lastEventId;
+      }
       this.setStatus("reconnecting", "reconnecting…");
+      this.setConnectionNote(
+        this.resumeAfter ? `connection lost after event ${this.resumeAfter}` : "connection lost",
+      );
       return;
     }
+    this.reconnecting = false;
     // CLOSED without an `end` event: the browser gave up (an HTTP error or a non-SSE answer,
     // e.g. from a proxy while the server restarts). Retry ourselves, with backoff.
     this.setStatus("disconnected", "disconnected");
@@ -722,6 +756,27 @@ class ChorusPage {
     }
     if (conversationId !== this.conversationId || this.ended) return;
     this.openStream(this.streamUrl);
+    this.reopened = true;
+  }
+
+  /**
+   * The EventSource is back after a drop. It sent Last-Event-ID, so the server replays exactly
+   * the events after it (or a snapshot, which `applySnapshot` notes): nothing is lost and
+   * nothing is applied twice.
+   */
+  onResumed() {
+    this.reconnecting = false;
+    this.awaitingResumedEvent = true;
+    this.reconnects += 1;
+    this.status.dataset.reconnects = String(this.reconnects);
+    this.setConnectionNote(
+      this.resumeAfter ? `resumed after event ${this.resumeAfter}, nothing lost` : "reconnected",
+    );
+  }
+
+  setConnectionNote(text) {
+    this.connectionNote.textContent = text;
+    this.connectionNote.hidden = text === "";
   }
 
   /** The server closed the stream for good (or the conversation is gone). */
@@ -737,6 +792,16 @@ class ChorusPage {
   // --- applying events ---
 
   handleEvent(event, apply) {
+    if (event.target !== this.eventSource) return;
+    // Events with an id are conversation events; `end` has none and keeps the last one.
+    if (event.lastEventId) this.lastEventId = event.lastEventId;
+    if (this.awaitingResumedEvent) {
+      this.awaitingResumedEvent = false;
+      // The buffer had moved past our position: the server sent the whole state instead.
+      if (event.type === "snapshot") {
+        this.setConnectionNote(`resumed from a snapshot at event ${event.lastEventId}, nothing lost`);
+      }
+    }
     let data;
     try {
       data = JSON.parse(event.data);
