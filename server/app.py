@@ -97,7 +97,11 @@ async def _upstream_and_registry(app: web.Application) -> AsyncIterator[None]:
 async def _beat(hub: Hub, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        hub.heartbeat()
+        try:
+            hub.heartbeat()
+        except Exception:
+            # One failed round must not silence every stream's heartbeat for good.
+            logger.exception("heartbeat round failed")
 
 
 async def _heartbeat(app: web.Application) -> AsyncIterator[None]:

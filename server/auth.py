@@ -289,7 +289,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 # --- access log -----------------------------------------------------------------------------
 
-_TOKEN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
+_TOKEN_QUERY = re.compile(r"([?&]tokens?=)[^&\s]*")  # ?token= and ?tokens=
 
 
 class RedactingAccessLogger(AccessLogger):

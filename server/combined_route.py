@@ -34,11 +34,12 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .app_keys import ACCESS, FIREHOSE, HUB, LIMITS, REGISTRY, SETTINGS
+from .app_keys import ACCESS, FIREHOSE, LIMITS, REGISTRY, SETTINGS
 from .auth import end_when_token_expires
 from .errors import ApiError, Forbidden, InvalidRequest, NotFound
 from .events_route import SSE_HEADERS
 from .http_errors import error_response
+from .subscriber_totals import total_subscribers
 from .hub import HEARTBEAT_FRAME, Cursor, EventLog
 from .multiplex import (
     InvalidIds,
@@ -165,7 +166,7 @@ async def _multiplexed_events(request: web.Request) -> web.StreamResponse:
                 code="conversation_not_found",
             )
         # No await from here to the last subscribe(): the bounds cannot be overshot.
-        limits, total = app[LIMITS], app[HUB].subscriber_count
+        limits, total = app[LIMITS], total_subscribers(app)
         for attached, log in enumerate(followed.values()):
             limits.admit_subscriber(
                 conversation_subscribers=log.subscriber_count, total_subscribers=total + attached
@@ -272,7 +273,7 @@ async def _firehose_events(request: web.Request) -> web.StreamResponse:
         position = _firehose_position(request, log)
         app[LIMITS].admit_subscriber(
             conversation_subscribers=0,
-            total_subscribers=app[HUB].subscriber_count + log.subscriber_count,
+            total_subscribers=total_subscribers(app),
         )
     except ApiError as error:
         return error_response(request, error)

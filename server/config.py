@@ -134,6 +134,7 @@ _POSITIVE = {
     ("hub", "heartbeat_seconds"),
     ("mock", "answer_repeat"),
     ("hub", "send_timeout"),
+    ("server", "idempotency_window_seconds"),
     ("auth", "watch_token_ttl_seconds"),
 }
 _CHOICES = {

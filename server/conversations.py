@@ -22,7 +22,7 @@ from .hub import EventLog, Hub
 from .observers import Observers
 from .tasks import cancel_and_wait
 from .transcript import STREAMING
-from .turn_runner import run_turn
+from .turn_runner import end_unstarted_turn, run_turn, start_turn_event
 from .upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
@@ -109,22 +109,31 @@ class Conversation:
         self.cancel_expiry()
         self.finished_at = None
         label = f"conversation {self.id}"
+        request = self.upstream_request(turn)
+        start_turn_event(self.log, turn, request["model"])
         self._task = asyncio.create_task(
             run_turn(
                 client=client,
                 log=self.log,
                 turn=turn,
-                request=self.upstream_request(turn),
+                request=request,
                 label=label,
                 conversation_id=self.id,
                 observers=observers,
             ),
             name=f"upstream:{self.id}:{turn}",
         )
-        self._task.add_done_callback(lambda _task: self._stop_unwatched_timer())
+        self._task.add_done_callback(lambda task: self._turn_task_done(task, turn))
         if self.log.subscriber_count == 0:
             self._start_unwatched_timer()
         return turn
+
+    def _turn_task_done(self, task: asyncio.Task[None], turn: int) -> None:
+        self._stop_unwatched_timer()
+        turns = self.log.transcript.turns
+        if task.cancelled() and not self.log.closed and turns[turn].status == STREAMING:
+            # Cancelled before its first step: the runner never ran to say so.
+            end_unstarted_turn(self.log, turn, "the turn was cancelled before it started")
 
     def cancel_when_unwatched(self, grace_seconds: float) -> None:
         """Policy "cancel": a streaming turn with no subscriber for `grace_seconds` is
@@ -360,7 +369,18 @@ class ConversationRegistry:
 
     async def _remove(self, conversation: Conversation, reason: str) -> None:
         conversation.closing = True
-        stopped = await conversation.stop_turn(f"conversation {reason}")
+        try:
+            stopped = await conversation.stop_turn(f"conversation {reason}")
+        except asyncio.CancelledError:
+            # Our caller went away (a DELETE whose client disconnected): finish the removal
+            # once the turn task has ended, rather than leave it half done. Not before: the
+            # task still publishes its `error` to the log that _forget closes.
+            task = conversation.task
+            if task is not None and not task.done():
+                task.add_done_callback(lambda _task: self._forget(conversation, reason))
+            else:
+                self._forget(conversation, reason)
+            raise
         if stopped and reason == "shutdown":
             logger.info(
                 "shutdown: cancelled the turn of conversation %s", conversation.id,

@@ -48,6 +48,7 @@ from .auth import authorize_watch, end_when_token_expires
 from .errors import ApiError, InvalidRequest
 from .http_errors import error_response
 from .hub import EventLog
+from .subscriber_totals import total_subscribers
 from .path_params import conversation_id_of
 from .transport_sink import TransportSink, limit_unacknowledged_time
 
@@ -114,7 +115,7 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
         # No await from here to subscribe(): the subscriber bounds cannot be overshot.
         request.app[LIMITS].admit_subscriber(
             conversation_subscribers=log.subscriber_count,
-            total_subscribers=request.app[HUB].subscriber_count,
+            total_subscribers=total_subscribers(request.app),
         )
     except ApiError as error:
         return error_response(request, error)

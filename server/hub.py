@@ -402,7 +402,7 @@ class MemoryEventLog:
         shared_position = -1
         shared = b""
         shared_is_snapshot = False
-        tally = self._tally
+        deliveries = sent = 0
         for cursor in self._cursors:
             sink = cursor._sink
             if sink is None:
@@ -417,13 +417,15 @@ class MemoryEventLog:
                 shared_position = position
                 shared_is_snapshot = position + 1 < self._first_seq
             elif shared_is_snapshot:
-                tally.snapshots += 1  # the same snapshot, sent to one more subscriber
-            tally.deliveries += last_seq - position
-            tally.bytes_sent += len(shared)
+                self._tally.snapshots += 1  # the same snapshot, to one more subscriber
+            deliveries += last_seq - position
+            sent += len(shared)
             cursor._position = last_seq
             if not sink.send(shared):
                 cursor._backed_up = True
                 cursor.wake()
+        self._tally.deliveries += deliveries  # summed here: once per batch, not per cursor
+        self._tally.bytes_sent += sent
 
     def _evict(self) -> None:
         frames = self._frames

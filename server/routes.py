@@ -211,10 +211,13 @@ def add_routes(app: web.Application) -> None:
     )
     app.router.add_post("/v1/conversations/{conversation_id}/messages", require_api_key(follow_up))
     app.router.add_post("/v1/conversations/{conversation_id}/cancel", require_api_key(cancel_turn))
-    app.router.add_get("/v1/conversations/{conversation_id}/events", conversation_events)
+    # No HEAD: it would attach a subscriber to a response that must have no body.
+    app.router.add_get(
+        "/v1/conversations/{conversation_id}/events", conversation_events, allow_head=False
+    )
     # Many conversations in one stream, or the firehose: they reveal many conversations,
     # so an API key when keys are configured (README "Multiplexed and firehose streams").
-    app.router.add_get("/v1/events", require_api_key(combined_events))
+    app.router.add_get("/v1/events", require_api_key(combined_events), allow_head=False)
     # CORS preflights: OPTIONS on the catch-all's own resource (registered first, so it
     # wins for OPTIONS); anything that is not a preflight goes on to the catch-all.
     app.router.add_route("OPTIONS", "/{tail:.*}", cors_preflight)

@@ -176,6 +176,30 @@ class _Turn:
             )
 
 
+def start_turn_event(log: EventLog, turn: int, model: str) -> None:
+    """Publish (and flush) a turn's `turn` event. Done synchronously when the turn is
+    started, not in its task: a task cancelled before its first step would otherwise leave
+    the log without the turn, and every later turn out of order."""
+    log.publish(TURN, {"turn": turn, "model": model})
+    log.flush()
+
+
+def end_unstarted_turn(log: EventLog, turn: int, reason: str) -> None:
+    """A turn whose task was cancelled before it ever ran: give it its `error` event."""
+    log.publish(
+        ERROR,
+        {
+            "turn": turn,
+            "code": str(TurnErrorCode.CANCELLED),
+            "message": reason,
+            "choices": [],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                      "estimated": True},
+        },
+    )
+    log.flush()
+
+
 async def run_turn(
     *,
     client: UpstreamClient,
@@ -186,13 +210,10 @@ async def run_turn(
     conversation_id: str = "",
     observers: Observers | None = None,
 ) -> None:
-    """Stream one answer into `log`. Never raises but CancelledError (after publishing)."""
+    """Stream one answer into `log`, whose `turn` event `start_turn` has already published.
+    Never raises but CancelledError (after publishing the turn's `error`)."""
     observers = observers or Observers()
     started = time.monotonic()
-    log.publish(TURN, {"turn": turn, "model": request["model"]})
-    # Flushed before the first await, so no other conversation's later event can reach a
-    # multiplexed subscriber ahead of this one.
-    log.flush()
     observers.turn_started(conversation_id, turn, request["model"])
     # Log records carry the id as a field too (the JSON log format's `conversation`).
     log_extra = {"conversation": conversation_id} if conversation_id else None

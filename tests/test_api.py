@@ -978,3 +978,16 @@ async def test_random_bodies_never_cause_a_500(
     else:
         assert 400 <= response.status < 500, result
         assert sorted(result["error"]) == ["code", "message"]
+
+
+async def test_head_on_a_stream_is_refused_without_attaching_anyone(
+    start_chorus: StartChorus, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.enqueue(answer_script(["hi"]))
+    chorus = await start_chorus()
+    created = await chorus.create()
+    for path in (created["events_url"], "/v1/events?all=1"):
+        response = await chorus.client.head(path)
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
+    assert chorus.registry.get(created["id"]).log.subscriber_count == 0

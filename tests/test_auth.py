@@ -738,10 +738,13 @@ async def test_the_access_log_redacts_watch_tokens(
     client = await aiohttp_client(server)
     await client.get(f"/v1/conversations/{UNKNOWN_ID}/events?after=0&token=SEEKRIT.abc&x=1")
     await client.get(f"/v1/conversations/{UNKNOWN_ID}?token=SEEKRIT2")
-    await eventually(lambda: len([r for r in caplog.records if r.name == "aiohttp.access"]) >= 2)
+    # The combined stream takes one token per conversation, as ?tokens=.
+    await client.get(f"/v1/events?conversations={UNKNOWN_ID}&tokens=SEEKRIT3.a,SEEKRIT4.b")
+    await eventually(lambda: len([r for r in caplog.records if r.name == "aiohttp.access"]) >= 3)
     assert "SEEKRIT" not in caplog.text
     assert f"/v1/conversations/{UNKNOWN_ID}/events?after=0&token=REDACTED&x=1" in caplog.text
     assert f"/v1/conversations/{UNKNOWN_ID}?token=REDACTED " in caplog.text
+    assert f"/v1/events?conversations={UNKNOWN_ID}&tokens=REDACTED " in caplog.text
 
 
 async def test_a_stream_that_ends_first_cancels_its_expiry_timer(

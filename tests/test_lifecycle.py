@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from .conftest import StartChorus, answer_text, eventually, upstream_tasks
-from .fake_upstream import FakeUpstream, Script, gated_script
+from .fake_upstream import FakeUpstream, Script, answer_script, gated_script
 
 
 def held_script(pieces: list[str]) -> tuple[asyncio.Event, Script]:
@@ -93,3 +93,30 @@ async def test_a_conversation_nobody_ever_watches_is_cancelled(
     await eventually(lambda: not upstream_tasks())
     state = await chorus.state(created["id"])
     assert state["status"] == "cancelled"
+
+
+async def test_a_turn_cancelled_before_its_task_ran_still_ends_and_the_next_one_works(
+    start_chorus: StartChorus, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.enqueue(answer_script(["zero"]), answer_script(["two"]))
+    chorus = await start_chorus()
+    created = await chorus.create()
+    await eventually(lambda: not upstream_tasks())
+    registry = chorus.registry
+    # The follow-up and the cancel in one loop step: the turn's task never gets to run.
+    conversation, turn = registry.follow_up(created["id"], "one")
+    await registry.cancel(created["id"])
+
+    state = await chorus.state(created["id"])
+    assert [t["status"] for t in state["turns"]] == ["done", "cancelled"]
+    assert state["turns"][1]["error"] == {
+        "code": "cancelled", "message": "the turn was cancelled before it started",
+    }
+    response = await chorus.client.post(
+        f"/v1/conversations/{created['id']}/messages", json={"content": "two"}
+    )
+    assert response.status == 202
+    stream = await chorus.subscribe(created["id"])
+    events = await stream.until_turn_ends(2)
+    assert answer_text(events, turn=2) == "two"
+    assert turn == 1 and conversation.id == created["id"]

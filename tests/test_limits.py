@@ -429,3 +429,21 @@ async def test_starts_are_counted_per_api_key(
     assert (await create("key-bob-0123456789")).status == 201
     await eventually(lambda: chorus.registry.live_turns == 0)
     assert fake_upstream.calls == 2
+
+
+async def test_firehose_streams_count_against_the_total_subscriber_bound(
+    start_chorus: StartChorus, fake_upstream: FakeUpstream
+) -> None:
+    gate = asyncio.Event()
+    fake_upstream.enqueue(gated_script(gate, ["held"]))
+    chorus = await start_chorus(limits={"max_subscribers_total": 1})
+    created = await chorus.create()
+    firehose = await chorus.client.get("/v1/events?all=1")
+    assert firehose.status == 200
+    refused = await chorus.client.get(created["events_url"])
+    await expect_json_error(
+        refused, 503, "server_full",
+        "this server has its maximum of 1 subscribers; try again later", "5",
+    )
+    firehose.close()
+    gate.set()
