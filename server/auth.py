@@ -38,7 +38,7 @@ from .credentials import API_KEYS_ENV, TOKEN_SECRET_ENV, load_access_control
 from .errors import ApiError, Forbidden, Unauthorized
 from .http_errors import Handler, error_response, no_such_route
 from .hub import Cursor
-from .path_params import conversation_id_of
+from .path_params import conversation_id_of, events_url
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,6 @@ def watch_cookie_name(conversation_id: str) -> str:
     return WATCH_COOKIE_PREFIX + conversation_id
 
 
-def _events_url(conversation_id: str) -> str:
-    return f"/v1/conversations/{conversation_id}/events"
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatchGrant:
     """What the creator of a conversation is given to watch it: the token, the events URL
@@ -178,14 +174,14 @@ def grant_watch(request: web.Request, conversation_id: str) -> WatchGrant:
     """Issue a watch token for `conversation_id` (always; required only when configured)."""
     access = request.app[ACCESS]
     token = access.tokens.issue(conversation_id)
-    events_url = _events_url(conversation_id)
+    url = events_url(conversation_id)
     if access.require_watch_token:
-        events_url += f"?token={token.value}"
+        url += f"?token={token.value}"
     return WatchGrant(
         conversation_id=conversation_id,
         token=token.value,
         expires_at=token.expires_at,
-        events_url=events_url,
+        events_url=url,
         max_age=max(1, math.ceil(access.tokens.ttl_seconds)),
         secure=request.secure,
     )

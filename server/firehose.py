@@ -24,6 +24,7 @@ from .errors import NotFound
 from .hub import EventLog, Hub, MemoryEventLog
 from .observers import TurnOutcome
 from .transcript import CANCELLED_STATUS, DONE_STATUS, ERROR_STATUS, STREAMING
+from .turn_runner import CHARS_PER_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ FIREHOSE_EVENT_KINDS = frozenset(
     {CREATED, TURN_STARTED, FIRST_TOKEN, TURN_DONE, TURN_ERROR, CONVERSATION_ENDED, STATS}
 )
 STATUSES = (STREAMING, DONE_STATUS, ERROR_STATUS, CANCELLED_STATUS)
-_CHARS_PER_TOKEN = 4  # the same estimate the turn runner records when upstream gives none
 
 # What `turn_started` resets and `turn_done` / `turn_error` set, in a row.
 _TURN_FIELDS = ("chunks", "tokens", "tokens_estimated", "tokens_per_second", "ttft_seconds",
@@ -299,7 +299,7 @@ class Firehose:
 
     def _live_turn(self, log: EventLog, clock: _TurnClock, now: float) -> dict[str, Any]:
         """A streaming turn's numbers so far: answer events, estimated tokens, rate."""
-        tokens = -(-_generated_chars(log, clock.turn) // _CHARS_PER_TOKEN)
+        tokens = -(-_generated_chars(log, clock.turn) // CHARS_PER_TOKEN)
         since_first = None if clock.first_token_at is None else now - clock.first_token_at
         return {
             "chunks": max(0, log.last_seq - clock.turn_seq),

@@ -13,12 +13,12 @@ the server.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
 
+from .path_params import CONVERSATION_ID
 from .sse import encode_frame
 
 MAX_CONVERSATIONS = 50
@@ -27,7 +27,6 @@ NOT_FOUND = "not_found"
 CONVERSATION_END = b"conversation_end"
 _SNAPSHOT = b"snapshot"
 _END = b"end"
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_POSITION_DIGITS = 19
 
 
@@ -50,7 +49,7 @@ def parse_conversation_ids(raw: str) -> list[str]:
     if len(ids) > MAX_CONVERSATIONS:
         raise InvalidIds(f"at most {MAX_CONVERSATIONS} conversations per stream, got {len(ids)}")
     for conversation_id in ids:
-        if not _CONVERSATION_ID.fullmatch(conversation_id):
+        if not CONVERSATION_ID.fullmatch(conversation_id):
             raise InvalidIds(f"{conversation_id[:70]!r} is not a conversation id")
     if len(set(ids)) != len(ids):
         raise InvalidIds("a conversation is listed twice")

@@ -12,17 +12,15 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .app_keys import LIMITS, REGISTRY, SETTINGS, UPSTREAM_INFO
-from .app_keys import METRICS, READINESS
+from .app_keys import LIMITS, METRICS, READINESS, REGISTRY, SETTINGS, UPSTREAM_INFO
 from .auth import cors_preflight, grant_watch, require_api_key, require_watch_token
 from .chat_request import parse_chat_start, parse_follow_up
-from .errors import InvalidRequest, NotFound, PayloadTooLarge
-from .errors import ServiceUnavailable
-from .events_route import conversation_events
 from .combined_route import combined_events
+from .errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
+from .events_route import conversation_events
 from .http_errors import json_errors, no_such_route
 from .idempotency_route import idempotent
-from .path_params import conversation_id_of
+from .path_params import conversation_id_of, events_url
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
@@ -46,10 +44,6 @@ async def read_json(request: web.Request) -> object:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def _events_url(conversation_id: str) -> str:
-    return f"/v1/conversations/{conversation_id}/events"
 
 
 @json_errors
@@ -95,7 +89,7 @@ async def follow_up(request: web.Request) -> web.Response:
     return json_response(
         {
             "id": conversation.id,
-            "events_url": _events_url(conversation.id),
+            "events_url": events_url(conversation.id),
             "status": conversation.status,
             "turn": turn,
         },

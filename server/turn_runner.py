@@ -23,7 +23,7 @@ from .upstream import IdleTimeout, UpstreamClient
 logger = logging.getLogger(__name__)
 
 
-_CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4  # the usage estimate when upstream reports none
 
 
 def _payload_chars(choice: ChoiceDelta) -> int:
@@ -106,8 +106,8 @@ class _Turn:
         `"estimated": true`, so a cut or cancelled turn still records what it cost."""
         if self._usage is not None:
             return self._usage
-        prompt = -(-self._prompt_chars // _CHARS_PER_TOKEN)
-        completion = -(-self._generated_chars // _CHARS_PER_TOKEN)
+        prompt = -(-self._prompt_chars // CHARS_PER_TOKEN)
+        completion = -(-self._generated_chars // CHARS_PER_TOKEN)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
