@@ -79,6 +79,11 @@ class Conversation:
         """The messages the client sent: the initial request's, then each follow-up."""
         return [*self._start.messages, *({"role": "user", "content": c} for c in self._follow_ups)]
 
+    def message_count_after_follow_up(self) -> int:
+        """How many messages the next turn's upstream request would carry: the original
+        ones, then an answer and a user message per turn so far."""
+        return len(self._start.messages) + 2 * self.turn_count
+
     def upstream_request(self, turn: int) -> dict[str, Any]:
         """The whole conversation so far, as the chat request for `turn`."""
         messages = list(self._start.messages)

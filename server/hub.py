@@ -358,10 +358,6 @@ class MemoryEventLog:
         return self._first_seq
 
     @property
-    def buffered_events(self) -> int:
-        return len(self._frames) - self._head
-
-    @property
     def buffered_bytes(self) -> int:
         return self._bytes
 
@@ -559,9 +555,6 @@ class MemoryHub:
     def counters(self) -> SubscriberTally:
         """Running totals for metrics (read only, please)."""
         return self._tally
-
-    def logs(self) -> dict[str, MemoryEventLog]:
-        return dict(self._logs)
 
     def heartbeat(self) -> None:
         for log in self._logs.values():

@@ -162,9 +162,6 @@ class Multiplexer:
     def all_ended(self) -> bool:
         return self._open == 0
 
-    def ended(self, index: int) -> bool:
-        return self._positions[index] is None
-
     def retag(self, index: int, data: bytes) -> bytes:
         if self._positions[index] is None:
             raise RuntimeError("retag() after that conversation's end; stop taking from it")

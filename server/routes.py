@@ -84,6 +84,15 @@ async def follow_up(request: web.Request) -> web.Response:
     limits = request.app[LIMITS]
     caller = limits.caller(request)
     limits.check_start(caller)
+    # The history sent upstream grows by two messages a turn: bound it like a create's.
+    max_messages = request.app[SETTINGS].limits.max_messages
+    history = request.app[REGISTRY].get(conversation_id).message_count_after_follow_up()
+    if max_messages and history > max_messages:
+        raise PayloadTooLarge(
+            f"this follow-up would make the conversation {history} messages long; at most "
+            f"{max_messages} are accepted (limits.max_messages)",
+            code="too_many_messages",
+        )
     conversation, turn = request.app[REGISTRY].follow_up(conversation_id, content)
     limits.record_start(caller)
     return json_response(

@@ -447,3 +447,23 @@ async def test_firehose_streams_count_against_the_total_subscriber_bound(
     )
     firehose.close()
     gate.set()
+
+
+async def test_follow_ups_stop_when_the_history_would_pass_max_messages(
+    start_chorus: StartChorus, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.enqueue(answer_script(["zero"]), answer_script(["a"]), answer_script(["b"]))
+    chorus = await start_chorus(limits={"max_messages": 5})
+    created = await chorus.create()  # 1 message
+    url = f"/v1/conversations/{created['id']}/messages"
+    await eventually(lambda: not chorus.registry.get(created["id"]).streaming)
+    assert (await chorus.client.post(url, json={"content": "a"})).status == 202  # 3 messages
+    await eventually(lambda: not chorus.registry.get(created["id"]).streaming)
+    assert (await chorus.client.post(url, json={"content": "b"})).status == 202  # 5 messages
+    await eventually(lambda: not chorus.registry.get(created["id"]).streaming)
+    await expect_json_error(
+        await chorus.client.post(url, json={"content": "c"}),
+        413, "too_many_messages",
+        "this follow-up would make the conversation 7 messages long; at most 5 are "
+        "accepted (limits.max_messages)",
+    )
