@@ -8,6 +8,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -272,3 +273,40 @@ async def expect_json_error(
     assert response.content_type == "application/json", text
     assert orjson.loads(text) == {"error": {"code": code, "message": message}}
     assert response.headers.get("Retry-After") == retry_after
+
+
+def caller_header(request: web.Request) -> str:
+    """A caller identity taken from `X-Caller`, for tests of per-caller limits."""
+    return request.headers.get("X-Caller", "anonymous")
+
+
+async def start_chorus_with(
+    aiohttp_server: Any, aiohttp_client: Any, fake_upstream: FakeUpstream, **replace: Any
+) -> Chorus:
+    """Chorus with some of its app state replaced before start-up, e.g. `LIMITS=...` to
+    inject a clock or a caller identity (keys are names of `server.app_keys`)."""
+    from server import app_keys
+
+    app = create_app(make_settings(fake_upstream.url))
+    for name, value in replace.items():
+        app[getattr(app_keys, name)] = value
+    server = await aiohttp_server(app)
+    client = await aiohttp_client(server)
+    return Chorus(app=app, server=server, client=client)
+
+
+async def wait_until_serving(url: str, *, alive: Callable[[], bool] = lambda: True,
+                             timeout: float = 15.0) -> None:
+    """Poll `url` until it answers 200 (a server process starting up), failing at once if
+    `alive()` turns false (the process died) and after `timeout`."""
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(timeout):
+            while True:
+                assert alive(), f"the server exited before {url} answered"
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)

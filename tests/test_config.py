@@ -35,6 +35,8 @@ from server.config import (
 
 from server.sse import SSEDecoder
 
+from .conftest import wait_until_serving
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_TOML = REPO_ROOT / "config.toml"
 SECTION_TYPES: dict[str, type[Any]] = {
@@ -451,17 +453,8 @@ async def test_python_m_server_serves_the_mock(tmp_path: Path) -> None:
         )
     base = f"http://127.0.0.1:{port}"
     try:
+        await wait_until_serving(f"{base}/healthz", alive=lambda: process.poll() is None)
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(15):
-                while True:
-                    assert process.poll() is None, log_path.read_text()
-                    try:
-                        async with session.get(f"{base}/healthz") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
 
             async with session.get(f"{base}/v1/info") as response:
                 info = await response.json()

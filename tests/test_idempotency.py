@@ -11,10 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse
 
-from server.app import create_app
-from server.app_keys import IDEMPOTENCY, LIMITS
+from server.app_keys import IDEMPOTENCY
 from server.config import LimitsSettings
 from server.errors import Conflict, InvalidRequest, ServiceUnavailable, UnprocessableEntity
 from server.idempotency import (
@@ -26,13 +25,14 @@ from server.idempotency import (
 from server.limits import Limits
 
 from .conftest import (
+    caller_header,
+    start_chorus_with,
     Chorus,
     FakeClock,
     StartChorus,
     answer_text,
     eventually,
     expect_json_error,
-    make_settings,
 )
 from .fake_upstream import FakeUpstream, answer_script, gated_script
 
@@ -304,34 +304,14 @@ async def test_invalid_keys_are_400_and_start_nothing(
     assert len(chorus.app[IDEMPOTENCY]) == 0
 
 
-async def start_with(
-    aiohttp_server: Any,
-    aiohttp_client: Any,
-    fake_upstream: FakeUpstream,
-    *,
-    store: IdempotencyStore | None = None,
-    limits: Limits | None = None,
-) -> Chorus:
-    app = create_app(make_settings(fake_upstream.url))
-    if store is not None:
-        app[IDEMPOTENCY] = store
-    if limits is not None:
-        app[LIMITS] = limits
-    server = await aiohttp_server(app)
-    client = await aiohttp_client(server)
-    return Chorus(app=app, server=server, client=client)
-
-
-def caller_header(request: web.Request) -> str:
-    return request.headers.get("X-Caller", "anonymous")
-
-
 async def test_window_expiry_over_http(
     aiohttp_server: Any, aiohttp_client: Any, fake_upstream: FakeUpstream
 ) -> None:
     clock = FakeClock(0.0)
     store = IdempotencyStore(window_seconds=600.0, clock=clock)
-    chorus = await start_with(aiohttp_server, aiohttp_client, fake_upstream, store=store)
+    chorus = await start_chorus_with(
+        aiohttp_server, aiohttp_client, fake_upstream, IDEMPOTENCY=store
+    )
     fake_upstream.enqueue(answer_script(["a"]), answer_script(["b"]))
     body = {"messages": HELLO}
     first = await (await post(chorus, "/v1/conversations", body, "k")).json()
@@ -354,7 +334,7 @@ async def test_keys_are_per_caller_and_replays_cost_no_rate_budget(
     limits = Limits(
         LimitsSettings(starts_per_minute_per_key=1), identity=caller_header, clock=clock
     )
-    chorus = await start_with(aiohttp_server, aiohttp_client, fake_upstream, limits=limits)
+    chorus = await start_chorus_with(aiohttp_server, aiohttp_client, fake_upstream, LIMITS=limits)
     fake_upstream.enqueue(answer_script(["a"]), answer_script(["b"]))
     body = {"messages": HELLO}
     alice = await post(chorus, "/v1/conversations", body, "k", **{"X-Caller": "alice"})

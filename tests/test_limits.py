@@ -12,22 +12,21 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse
 
-from server.app import create_app
-from server.app_keys import HUB, LIMITS
+from server.app_keys import HUB
 from server.config import LimitsSettings
 from server.errors import ServiceUnavailable, TooManyRequests
 from server.limits import Limits, StartRateLimiter
 
 from .conftest import (
-    Chorus,
+    caller_header,
+    start_chorus_with,
     FakeClock,
     StartChorus,
     answer_text,
     eventually,
     expect_json_error,
-    make_settings,
 )
 from .fake_upstream import FakeUpstream, answer_script, gated_script
 
@@ -336,21 +335,6 @@ async def test_subscribers_total_bound_is_503_and_the_total_is_kept_by_the_hub(
     await eventually(lambda: hub.subscriber_count == 0)
 
 
-async def start_with_limits(
-    aiohttp_server: Any, aiohttp_client: Any, fake_upstream: FakeUpstream, limits: Limits
-) -> Chorus:
-    """Chorus with its `Limits` replaced (an injected clock and caller identity)."""
-    app = create_app(make_settings(fake_upstream.url))
-    app[LIMITS] = limits
-    server = await aiohttp_server(app)
-    client = await aiohttp_client(server)
-    return Chorus(app=app, server=server, client=client)
-
-
-def caller_header(request: web.Request) -> str:
-    return request.headers.get("X-Caller", "anonymous")
-
-
 async def test_starts_per_minute_per_key_is_429_with_retry_after(
     aiohttp_server: Any, aiohttp_client: Any, fake_upstream: FakeUpstream
 ) -> None:
@@ -358,7 +342,7 @@ async def test_starts_per_minute_per_key_is_429_with_retry_after(
     limits = Limits(
         LimitsSettings(starts_per_minute_per_key=2), identity=caller_header, clock=clock
     )
-    chorus = await start_with_limits(aiohttp_server, aiohttp_client, fake_upstream, limits)
+    chorus = await start_chorus_with(aiohttp_server, aiohttp_client, fake_upstream, LIMITS=limits)
     fake_upstream.enqueue(*(answer_script([str(i)]) for i in range(4)))
     alice = {"X-Caller": "alice"}
 

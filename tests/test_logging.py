@@ -20,7 +20,7 @@ import pytest
 
 from server.logging_setup import JsonFormatter
 
-from .conftest import StartChorus, eventually
+from .conftest import StartChorus, eventually, wait_until_serving
 from .fake_upstream import FakeUpstream, Hang, Respond, Script, Send, answer_script, chunk, sse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -230,17 +230,8 @@ async def test_python_m_server_logs_json_lines_without_the_key(
         )
     base = f"http://127.0.0.1:{port}"
     try:
+        await wait_until_serving(f"{base}/readyz", alive=lambda: process.poll() is None)
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(15):
-                while True:
-                    assert process.poll() is None, stderr_path.read_text()
-                    try:
-                        async with session.get(f"{base}/readyz") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
             ids = []
             for prompt in ("PROMPT-MARKER fine", "PROMPT-MARKER broken"):
                 body = {"messages": [{"role": "user", "content": prompt}]}

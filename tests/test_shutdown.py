@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .conftest import EventStream
+from .conftest import EventStream, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOUND_SECONDS = 15.0
@@ -35,15 +35,12 @@ async def start_server(port: int, **env: str) -> asyncio.subprocess.Process:
         cwd=REPO_ROOT, env=environ,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
-    async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(BOUND_SECONDS):
-            while True:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
-                        if response.status == 200:
-                            return process
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)  # polling for the process to listen
+    await wait_until_serving(
+        f"http://127.0.0.1:{port}/healthz",
+        alive=lambda: process.returncode is None,
+        timeout=BOUND_SECONDS,
+    )
+    return process
 
 
 async def run_shutdown(*, chunks_per_second: str, grace: str) -> tuple[list[list[str]], str, float]:

@@ -6,13 +6,13 @@
  * it. Model text only ever reaches the DOM through text nodes, never as HTML.
  */
 
+import { storeApiKey, storedApiKey } from "/web/api-key.js";
+
 // "N watching" is polled (GET /v1/conversations/ID): cheap, and late by at most this much.
 const WATCHING_REFRESH_MS = 2000;
 const STREAM_RETRY_FIRST_MS = 2000;
 const STREAM_RETRY_MAX_MS = 30000;
 const FENCE = "```";
-// sessionStorage key of the API key the reader entered (asked for only after a 401).
-const API_KEY_STORAGE = "chorus.apiKey";
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers: no DOM, no network.
@@ -128,22 +128,6 @@ function watchUrl(conversationId, suffix, watchToken) {
   return watchToken ? `${url}?token=${encodeURIComponent(watchToken)}` : url;
 }
 
-function storedApiKey() {
-  try {
-    return window.sessionStorage.getItem(API_KEY_STORAGE) ?? "";
-  } catch {
-    return "";  // storage disabled
-  }
-}
-
-function storeApiKey(key) {
-  try {
-    if (key) window.sessionStorage.setItem(API_KEY_STORAGE, key);
-    else window.sessionStorage.removeItem(API_KEY_STORAGE);
-  } catch {
-    // Storage disabled: the key cannot be kept, and the server will ask again.
-  }
-}
 
 function conversationUrl(conversationId, suffix = "") {
   return `/v1/conversations/${encodeURIComponent(conversationId)}${suffix}`;

@@ -15,12 +15,11 @@
  */
 
 import { SseParser } from "/web/sse-parser.js";
+import { storeApiKey, storedApiKey } from "/web/api-key.js";
 
 const FIREHOSE_URL = "/v1/events?all=1";
 const RETRY_DEFAULT_MS = 2000;
 const RETRY_MAX_MS = 30000;
-// sessionStorage key of the API key the reader entered (shared with the viewer page).
-const API_KEY_STORAGE = "chorus.apiKey";
 const COLUMNS = [
   "conversation", "status", "model", "subscribers", "chunks", "tokens", "tokens_per_second",
   "ttft", "age",
@@ -175,22 +174,6 @@ function parseData(event) {
   }
 }
 
-function storedApiKey() {
-  try {
-    return window.sessionStorage.getItem(API_KEY_STORAGE) ?? "";
-  } catch {
-    return "";  // storage disabled
-  }
-}
-
-function storeApiKey(key) {
-  try {
-    if (key) window.sessionStorage.setItem(API_KEY_STORAGE, key);
-    else window.sessionStorage.removeItem(API_KEY_STORAGE);
-  } catch {
-    // Storage disabled: the key lasts as long as the page.
-  }
-}
 
 function authHeaders(apiKey) {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
